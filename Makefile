@@ -1,0 +1,33 @@
+# poolkeeper: every set-up step lives here, so a fresh clone needs only `make run` or `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+CERTS ?= .certs
+PYTEST_ARGS ?=
+
+.PHONY: run test venv certs clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit("poolkeeper needs Python >= 3.11, $(PYTHON) is " + sys.version.split()[0]) if sys.version_info < (3, 11) else None'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@
+
+certs: $(STAMP)
+	$(BIN)/poolkeeper certs --out $(CERTS) --service poolkeeper --namespace poolkeeper-system
+
+# Serves https://127.0.0.1:8443 with the embedded namespace file: no cluster needed.
+run: certs
+	$(BIN)/poolkeeper serve --host 127.0.0.1 --port 8443 --cert-dir $(CERTS) \
+		--namespaces testdata/namespaces.yaml
+
+# pytest exits 5 when it collected nothing: that must fail, not pass silently.
+test: $(STAMP)
+	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+clean:
+	rm -rf $(VENV) $(CERTS) .pytest_cache .hypothesis .coverage *.egg-info

@@ -1,0 +1,143 @@
+"""Owns poolkeeper's settings: one frozen object, read from options or the environment.
+
+Every setting has a command-line option and a ``POOLKEEPER_*`` environment variable (for the
+container); the option wins. All problems are reported together at start-up in one
+:class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Mapping
+
+ENV_PREFIX = "POOLKEEPER_"
+
+# Namespaces whose pods poolkeeper never touches: the control plane's own and its own namespace,
+# so the webhook can always restart.
+DEFAULT_EXCLUDED_NAMESPACES = ("kube-system", "kube-public", "kube-node-lease", "poolkeeper-system")
+
+# The API server limits a stored object to 3 MiB (etcd's request limit is 1.5 MiB by default, the
+# apiserver's own decoder 3 MiB); an UPDATE review carries two objects plus the envelope.
+MAX_BODY_BYTES = 7 * 1024 * 1024
+
+# Label keys: optional DNS-subdomain prefix (<= 253) and '/', then a name of <= 63 characters
+# (k8s.io/apimachinery/pkg/util/validation IsQualifiedName); values <= 63 (IsValidLabelValue).
+_LABEL_NAME = r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)"
+_DNS_SUBDOMAIN = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
+LABEL_KEY_RE = re.compile(rf"^({_DNS_SUBDOMAIN}/)?{_LABEL_NAME}$")
+LABEL_VALUE_RE = re.compile(rf"^({_LABEL_NAME})?$")
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message lists every problem found."""
+
+
+def is_label_key(key: str) -> bool:
+    prefix, _, name = key.rpartition("/")
+    return bool(LABEL_KEY_RE.match(key)) and len(prefix) <= 253 and len(name) <= 63
+
+
+def is_label_value(value: str) -> bool:
+    return len(value) <= 63 and bool(LABEL_VALUE_RE.match(value))
+
+
+@dataclass(frozen=True)
+class Settings:
+    # serving
+    host: str = "0.0.0.0"
+    port: int = 8443
+    cert_dir: str = "/etc/poolkeeper/tls"
+    workers: int = 0  # 0: 2 x cores + 1
+    threads: int = 4
+    keepalive: int = 75  # seconds; above the API server's idle-connection reuse, below LB defaults
+    log_level: str = "info"
+    # namespace source
+    namespaces_file: str | None = None  # embedded source instead of the API server
+    kubeconfig: str | None = None  # default: in-cluster, else $KUBECONFIG / ~/.kube/config
+    cache_ttl: float = 30.0  # seconds a GET result is trusted while the watch is down
+    max_stale: float = 300.0  # seconds cached labels may be served while the API server fails
+    # the pool rule
+    namespace_label_key: str = "agentpool"
+    node_label_key: str = "agentpool"
+    default_pool: str | None = None
+    excluded_namespaces: tuple[str, ...] = field(default=DEFAULT_EXCLUDED_NAMESPACES)
+
+    def resolved_workers(self) -> int:
+        return self.workers or 2 * (os.cpu_count() or 1) + 1
+
+
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _convert(name: str, raw: Any, typ: str) -> Any:
+    if raw is None:
+        return None
+    if "tuple" in typ:
+        if isinstance(raw, str):
+            return tuple(p.strip() for p in raw.split(",") if p.strip())
+        return tuple(raw)
+    if "int" in typ and "float" not in typ:
+        return int(raw)
+    if "float" in typ:
+        return float(raw)
+    if raw == "":
+        return None if "None" in typ else raw
+    return str(raw)
+
+
+def load_settings(options: Mapping[str, Any] | None = None,
+                  environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from explicit options (None = not given) over ``POOLKEEPER_*`` variables."""
+    options = dict(options or {})
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    known = {f.name: f for f in fields(Settings)}
+    for name in options:
+        if name not in known:
+            problems.append(f"unknown setting {name!r}")
+    for name, f in known.items():
+        raw = options.get(name)
+        source = f"--{name.replace('_', '-')}"
+        if raw is None and ENV_PREFIX + name.upper() in environ:
+            raw = environ[ENV_PREFIX + name.upper()]
+            source = ENV_PREFIX + name.upper()
+        if raw is None:
+            continue
+        try:
+            values[name] = _convert(name, raw, str(f.type))
+        except (TypeError, ValueError):
+            problems.append(f"{source}: {raw!r} is not a valid {f.type}")
+    settings = replace(Settings(), **values)
+    problems.extend(_validate(settings))
+    if problems:
+        raise ConfigError("invalid configuration: " + "; ".join(problems))
+    return settings
+
+
+def _validate(s: Settings) -> list[str]:
+    problems = []
+    if not 0 < s.port < 65536:
+        problems.append(f"port: {s.port} is not in 1..65535")
+    if s.workers < 0:
+        problems.append(f"workers: {s.workers} must be >= 0 (0 means 2 x cores + 1)")
+    if s.threads < 1:
+        problems.append(f"threads: {s.threads} must be >= 1")
+    if s.keepalive < 1:
+        problems.append(f"keepalive: {s.keepalive} must be >= 1 second")
+    if s.log_level not in _LOG_LEVELS:
+        problems.append(f"log-level: {s.log_level!r} is not one of {', '.join(_LOG_LEVELS)}")
+    if s.cache_ttl <= 0 or s.max_stale < s.cache_ttl:
+        problems.append(f"cache-ttl ({s.cache_ttl}) must be > 0 and <= max-stale ({s.max_stale})")
+    for name in ("namespace_label_key", "node_label_key"):
+        key = getattr(s, name)
+        if not is_label_key(key):
+            problems.append(f"{name.replace('_', '-')}: {key!r} is not a valid label key "
+                            "(optional DNS prefix and '/', then up to 63 of [A-Za-z0-9-_.])")
+    if s.default_pool is not None and (not s.default_pool or not is_label_value(s.default_pool)):
+        problems.append(f"default-pool: {s.default_pool!r} is not a valid label value")
+    if s.namespaces_file is not None and not os.path.isfile(s.namespaces_file):
+        problems.append(f"namespaces: {s.namespaces_file!r} is not a readable file")
+    return problems

@@ -1,0 +1,64 @@
+"""Test helpers: AdmissionReview builders and sample objects from testdata/."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import yaml
+
+from app.review import AdmissionRequest, parse_review
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTDATA = ROOT / "testdata"
+
+KINDS = {"Pod": ("", "v1"), "DaemonSet": ("apps", "v1"), "Namespace": ("", "v1"),
+         "Deployment": ("apps", "v1"), "ConfigMap": ("", "v1")}
+
+
+def load_yaml(relative: str) -> dict:
+    return yaml.safe_load((TESTDATA / relative).read_text())
+
+
+def review_doc(obj: dict | None, operation: str = "CREATE", *, namespace: str | None = None,
+               old: dict | None = None, kind: str | None = None, uid: str = "uid-1",
+               dry_run: bool = False, sub_resource: str | None = None) -> dict:
+    """An AdmissionReview body as the API server sends it."""
+    source = obj if obj is not None else old
+    kind = kind or source["kind"]
+    group, version = KINDS[kind]
+    meta = source.get("metadata", {})
+    if namespace is None:
+        namespace = "" if kind == "Namespace" else meta.get("namespace", "default")
+    request = {
+        "uid": uid,
+        "kind": {"group": group, "version": version, "kind": kind},
+        "resource": {"group": group, "version": version, "resource": kind.lower() + "s"},
+        "operation": operation,
+        "userInfo": {"username": "alice@example.com"},
+        "object": copy.deepcopy(obj),
+        "oldObject": copy.deepcopy(old),
+        "dryRun": dry_run,
+    }
+    if namespace:
+        request["namespace"] = namespace
+    if meta.get("name"):
+        request["name"] = meta["name"]
+    if sub_resource:
+        request["subResource"] = sub_resource
+    return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": request}
+
+
+def make_request(obj: dict | None, operation: str = "CREATE", **kw) -> AdmissionRequest:
+    return parse_review(review_doc(obj, operation, **kw))
+
+
+def pod(selector: dict | None = None, *, namespace: str = "team-a", name: str = "p",
+        **spec_extra) -> dict:
+    spec: dict = {"containers": [{"name": "c", "image": "busybox:1.36"}]}
+    if selector is not None:
+        spec["nodeSelector"] = dict(selector)
+    spec.update(spec_extra)
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": namespace}, "spec": spec}
