@@ -1,0 +1,197 @@
+"""Owns the ``poolkeeper`` command line: serve, mutate and certs."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Sequence
+
+import jsonpatch
+import orjson
+import yaml
+
+from .config import ENV_PREFIX, ConfigError, Settings, load_settings
+
+DESCRIPTION = "poolkeeper: pins each namespace's pods to its node pool (mutating admission webhook)"
+
+
+def _add_rule_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("pool rule")
+    group.add_argument("--namespace-label-key", metavar="KEY",
+                       help="namespace label naming the pool (default agentpool)")
+    group.add_argument("--node-label-key", metavar="KEY",
+                       help="node label key put in nodeSelector (default agentpool; e.g. "
+                            "kubernetes.azure.com/agentpool on AKS)")
+    group.add_argument("--default-pool", metavar="POOL",
+                       help="pool for namespaces without the label (default: leave them alone)")
+    group.add_argument("--excluded-namespaces", metavar="NS,NS",
+                       help="namespaces never touched (default kube-system,kube-public,"
+                            "kube-node-lease,poolkeeper-system)")
+
+
+def _add_source_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("namespace source")
+    group.add_argument("--namespaces", dest="namespaces_file", metavar="FILE",
+                       help="read Namespace objects from this YAML file instead of the API server")
+    group.add_argument("--kubeconfig", metavar="FILE",
+                       help="kubeconfig to use (default: in-cluster, else $KUBECONFIG)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="poolkeeper", description=DESCRIPTION)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="serve the webhook over TLS with gunicorn")
+    serve.add_argument("--host", help="address to listen on (default 0.0.0.0)")
+    serve.add_argument("--port", type=int, help="port (default 8443)")
+    serve.add_argument("--cert-dir", metavar="DIR",
+                       help="directory with tls.crt and tls.key (default /etc/poolkeeper/tls)")
+    serve.add_argument("--workers", type=int, metavar="N", help="worker processes "
+                       "(default 2 x cores + 1)")
+    serve.add_argument("--threads", type=int, metavar="N", help="threads per worker (default 4)")
+    serve.add_argument("--keepalive", type=int, metavar="SECONDS",
+                       help="idle keep-alive time (default 75)")
+    serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    serve.add_argument("--cache-ttl", type=float, metavar="SECONDS",
+                       help="trust a namespace GET this long while the watch is down "
+                            "(default 30)")
+    serve.add_argument("--max-stale", type=float, metavar="SECONDS",
+                       help="serve cached labels this long while the API server fails, then "
+                            "answer 500 (default 300)")
+    _add_source_options(serve)
+    _add_rule_options(serve)
+
+    mutate = commands.add_parser(
+        "mutate", help="show offline what poolkeeper does to an object",
+        description="Print the object as poolkeeper would admit it. INPUT is a Pod, Namespace "
+                    "or DaemonSet in YAML or JSON, or an AdmissionReview; '-' reads stdin. A "
+                    "denial prints its message on stderr and exits 1.")
+    mutate.add_argument("input", metavar="INPUT")
+    mutate.add_argument("--output", choices=("object", "review"), default="object",
+                        help="object: the mutated object as YAML (default); review: the "
+                             "AdmissionReview response")
+    mutate.add_argument("--namespace", "-n", dest="object_namespace", metavar="NS",
+                        help="namespace of the object when it names none (default 'default')")
+    _add_source_options(mutate)
+    _add_rule_options(mutate)
+
+    certs = commands.add_parser("certs", help="create a CA and a serving certificate")
+    certs.add_argument("--out", required=True, metavar="DIR")
+    certs.add_argument("--service", default="poolkeeper", metavar="NAME")
+    certs.add_argument("--namespace", default="poolkeeper-system", metavar="NS")
+    certs.add_argument("--days", type=int, default=365, metavar="N")
+    certs.add_argument("--force", action="store_true",
+                       help="replace a valid existing pair")
+    return parser
+
+
+_NOT_SETTINGS = {"command", "input", "output", "object_namespace"}
+
+
+def _settings_from(args: argparse.Namespace) -> Settings:
+    options = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS}
+    return load_settings(options)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return serve(args)
+        if args.command == "mutate":
+            return mutate(args)
+        return certs(args)
+    except ConfigError as exc:
+        print(f"poolkeeper: {exc}", file=sys.stderr)
+        return 2
+
+
+def serve(args: argparse.Namespace) -> int:
+    settings = _settings_from(args)
+    from .tls import cert_paths
+
+    missing = [p for p in cert_paths(settings.cert_dir) if not os.path.isfile(p)]
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} not found: create them with "
+                          f"'poolkeeper certs --out {settings.cert_dir}'")
+    # Workers build their app from the environment, as in the container image.
+    for name, value in vars(args).items():
+        if name not in _NOT_SETTINGS and value is not None:
+            os.environ[ENV_PREFIX + name.upper()] = str(value)
+    from gunicorn.app.wsgiapp import WSGIApplication
+
+    sys.argv = ["poolkeeper serve", "-c", "python:app.gunicorn_conf"]
+    WSGIApplication("%(prog)s [OPTIONS]").run()
+    return 0
+
+
+def _read_input(path: str) -> Any:
+    if path == "-":
+        return yaml.safe_load(sys.stdin.read())  # YAML is a superset of JSON
+    with open(path, encoding="utf-8") as stream:
+        return yaml.safe_load(stream)
+
+
+def _request_for(doc: Any, namespace: str | None):
+    from .review import AdmissionRequest, GroupVersionKind, parse_review
+
+    if not isinstance(doc, dict):
+        raise ConfigError("INPUT must be a Kubernetes object or an AdmissionReview")
+    if doc.get("kind") == "AdmissionReview":
+        return parse_review(doc)
+    api_version, kind = doc.get("apiVersion"), doc.get("kind")
+    if not isinstance(api_version, str) or not isinstance(kind, str):
+        raise ConfigError("INPUT has no apiVersion and kind: is it a Kubernetes object?")
+    group, _, version = api_version.rpartition("/")
+    metadata = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
+    cluster_scoped = kind == "Namespace"
+    ns = "" if cluster_scoped else (metadata.get("namespace") or namespace or "default")
+    return AdmissionRequest(uid="poolkeeper-mutate", kind=GroupVersionKind(group, version, kind),
+                            operation="CREATE", namespace=ns, name=metadata.get("name") or "",
+                            object=doc, old_object=None)
+
+
+def mutate(args: argparse.Namespace) -> int:
+    from .admission import admit
+    from .namespaces import namespace_source
+    from .patching import ObjectShapeError
+    from .review import ReviewError, encode_review
+    from .rules import build_rules
+
+    settings = _settings_from(args)
+    try:
+        request = _request_for(_read_input(args.input), args.object_namespace)
+        source = namespace_source(settings)
+        decision = admit(request, source.labels, build_rules(settings))
+    except (OSError, yaml.YAMLError, ReviewError, ObjectShapeError) as exc:
+        print(f"poolkeeper: {exc}", file=sys.stderr)
+        return 2
+    response = decision.response
+    for warning in response.warnings:
+        print(f"Warning: {warning}", file=sys.stderr)
+    if args.output == "review":
+        print(orjson.dumps(orjson.loads(encode_review(request.uid, response)),
+                           option=orjson.OPT_INDENT_2).decode())
+    elif response.allowed:
+        result = jsonpatch.apply_patch(request.object, list(response.patch)) \
+            if response.patch else request.object
+        yaml.safe_dump(result, sys.stdout, sort_keys=False)
+    if not response.allowed:
+        print(f"denied: {response.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def certs(args: argparse.Namespace) -> int:
+    from .certs import CertificateError, create_certificates
+
+    try:
+        result = create_certificates(args.out, args.service, args.namespace, days=args.days,
+                                     force=args.force)
+    except (CertificateError, ValueError) as exc:
+        print(f"poolkeeper: {exc}", file=sys.stderr)
+        return 2
+    print(result.summary(), file=sys.stderr)
+    print(result.ca_bundle)
+    return 0

@@ -1,0 +1,58 @@
+"""Owns the gunicorn configuration; loaded as ``gunicorn -c python:app.gunicorn_conf``.
+
+Settings come from the ``POOLKEEPER_*`` environment (``poolkeeper serve`` sets it from its
+options), so the container and the CLI run the same configuration.
+"""
+
+import os
+
+from app.config import load_settings
+from app.logs import configure_logging
+from app.tls import cert_paths, gunicorn_ssl_context_hook
+from app.webhook import remember_server_request
+
+_settings = load_settings()
+configure_logging(_settings.log_level)
+
+wsgi_app = "app.webhook:create_app()"
+# IPv6 literals need brackets in a bind address.
+bind = [f"[{_settings.host}]:{_settings.port}" if ":" in _settings.host
+        else f"{_settings.host}:{_settings.port}"]
+
+# gthread keeps connections alive: the API server reuses them, and a worker that closed each one
+# would pay a full TLS handshake (~5 ms of CPU here) per review, far above the decision itself.
+worker_class = "gthread"
+workers = _settings.resolved_workers()
+threads = _settings.threads
+keepalive = _settings.keepalive
+
+# TLS 1.2+; the context is built once per worker and rebuilt when tls.crt/tls.key change on disk,
+# so a rotated certificate is served without a restart.
+certfile, keyfile = cert_paths(_settings.cert_dir)
+ssl_context = gunicorn_ssl_context_hook(certfile, keyfile)
+
+# The API server gives up after the webhook's timeoutSeconds (1..30, default 10); a worker stuck
+# far beyond that is restarted.
+timeout = 30
+graceful_timeout = 20
+
+# No gunicornc control socket: nothing uses it, and servers started side by side (tests) would
+# collide on its default path under ~/.gunicorn/.
+control_socket_disable = True
+
+# The worker heartbeat file must live on a writable tmpfs with a read-only root filesystem.
+if os.path.isdir("/dev/shm"):
+    worker_tmp_dir = "/dev/shm"
+
+# Request lines and headers of the API server are small; bodies are capped by the app (413).
+limit_request_line = 8190
+limit_request_fields = 100
+
+accesslog = None  # one JSON line per admission comes from the app instead
+errorlog = "-"
+loglevel = _settings.log_level
+
+
+def pre_request(worker, req):
+    # Lets the app close the connection after a 413 (gunicorn drops a Connection header).
+    remember_server_request(req)

@@ -1,0 +1,96 @@
+"""Starts ``poolkeeper serve`` (real gunicorn, real TLS) on a free loopback port for tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+from .support import ROOT
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen
+    port: int
+    cert_dir: Path
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"https://localhost:{self.port}"
+
+    @property
+    def ca(self) -> str:
+        return str(self.cert_dir / "ca.crt")
+
+    def session(self) -> requests.Session:
+        s = requests.Session()
+        s.trust_env = False  # REQUESTS_CA_BUNDLE would override verify
+        s.verify = self.ca
+        return s
+
+    def tls_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=self.ca)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def worker_pids(self) -> set[int]:
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.process.pid)],
+                             capture_output=True, text=True).stdout
+        return {int(p) for p in out.split()}
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+
+
+def start_server(cert_dir: Path, log_path: Path, *args: str, env: dict | None = None,
+                 workers: int = 2, threads: int = 2, wait_ready: bool = True,
+                 deadline_s: float = 60.0) -> Server:
+    port = free_port()
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("POOLKEEPER_")}
+    environment.update(env or {})
+    command = [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port),
+               "--cert-dir", str(cert_dir), "--workers", str(workers), "--threads",
+               str(threads), *args]
+    log = open(log_path, "wb")
+    process = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=log,
+                               stderr=subprocess.STDOUT)
+    log.close()
+    server = Server(process, port, cert_dir, log_path)
+    deadline = time.monotonic() + deadline_s
+    path = "/readyz" if wait_ready else "/healthz"
+    with server.session() as session:
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"poolkeeper serve exited {process.returncode}:\n{server.log()}")
+            try:
+                if session.get(server.url + path, timeout=2).status_code == 200:
+                    return server
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                server.stop()
+                raise RuntimeError(f"poolkeeper serve not ready on {path}:\n{server.log()}")
+            time.sleep(0.1)

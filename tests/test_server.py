@@ -1,0 +1,295 @@
+"""Component tests: real gunicorn over real TLS, verified against the generated CA."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import http.client
+import json
+import shutil
+import socket
+import ssl
+import time
+import warnings
+
+import pytest
+import requests
+
+from app.certs import create_certificates
+from app.config import MAX_BODY_BYTES
+
+from .server import start_server
+from .support import TESTDATA, pod, review_doc
+
+
+@pytest.fixture(scope="module")
+def cert_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("certs")
+    create_certificates(directory, "poolkeeper", "poolkeeper-system")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def server(cert_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("logs") / "server.log"
+    srv = start_server(cert_dir, log, "--namespaces", str(TESTDATA / "namespaces.yaml"))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def session(server):
+    with server.session() as s:
+        yield s
+
+
+def post(session, server, doc, path="/mutate", **kw):
+    return session.post(server.url + path, data=json.dumps(doc),
+                        headers={"Content-Type": "application/json"}, timeout=10, **kw)
+
+
+def test_server_patches_a_deployment_pod(server, session, deployment_pod_review):
+    response = post(session, server, deployment_pod_review)
+    assert response.status_code == 200 and response.headers["Content-Type"] == "application/json"
+    body = response.json()
+    assert body["apiVersion"] == "admission.k8s.io/v1" and body["kind"] == "AdmissionReview"
+    answer = body["response"]
+    assert answer["uid"] == deployment_pod_review["request"]["uid"]
+    assert answer["allowed"] is True and answer["patchType"] == "JSONPatch"
+    assert json.loads(base64.b64decode(answer["patch"])) == [
+        {"op": "add", "path": "/spec/nodeSelector", "value": {"agentpool": "pool1"}}]
+
+
+def test_server_denies_another_pool(server, session):
+    response = post(session, server, review_doc(pod({"agentpool": "pool2"},
+                                                    namespace="team-payments")))
+    answer = response.json()["response"]
+    assert response.status_code == 200 and answer["allowed"] is False
+    assert answer["status"]["code"] == 403 and '"pool1"' in answer["status"]["message"]
+    assert "patch" not in answer
+
+
+def test_server_allows_without_patch_fields(server, session):
+    answer = post(session, server, review_doc(pod({"agentpool": "pool1"},
+                                                  namespace="team-payments"))).json()["response"]
+    assert answer == {"uid": "uid-1", "allowed": True}
+
+
+def test_server_unhandled_kind_and_delete_are_allowed(server, session):
+    cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c", "namespace": "x"}}
+    assert post(session, server, review_doc(cm)).json()["response"] == {"uid": "uid-1",
+                                                                         "allowed": True}
+    delete = review_doc(None, "DELETE", old=pod(namespace="team-payments"))
+    assert post(session, server, delete).json()["response"] == {"uid": "uid-1", "allowed": True}
+
+
+def error_of(response):
+    body = response.json()
+    assert body["kind"] == "AdmissionReview" and body["response"]["allowed"] is False
+    assert body["response"]["status"]["code"] == response.status_code
+    return body["response"]["status"]["message"]
+
+
+def test_server_rejects_bad_input_with_clear_errors_and_keeps_its_workers(server, session):
+    workers = server.worker_pids()
+    assert len(workers) == 2
+    url = server.url + "/mutate"
+    json_headers = {"Content-Type": "application/json"}
+    cases = []
+    cases.append((session.post(url, data=b"{not json", headers=json_headers), 400, "not valid JSON"))
+    cases.append((session.post(url, data=b"\xff\xfe", headers=json_headers), 400, "not valid JSON"))
+    cases.append((session.post(url, data=b"[]", headers=json_headers), 400, "JSON object"))
+    cases.append((session.post(url, data=b"{}", headers=json_headers), 400, "AdmissionReview"))
+    cases.append((session.post(url, data=b"{}", headers={"Content-Type": "text/plain"}), 415,
+                  "application/json"))
+    cases.append((session.post(url, data=b"{}"), 415, "application/json"))
+    doc = review_doc(pod(namespace="team-payments"))
+    doc["apiVersion"] = "admission.k8s.io/v1beta1"
+    cases.append((post(session, server, doc), 400, "admission.k8s.io/v1"))
+    doc = review_doc(pod(namespace="team-payments"))
+    del doc["request"]["uid"]
+    cases.append((post(session, server, doc), 400, "request.uid is missing"))
+    doc = review_doc(pod(namespace="team-payments"))
+    del doc["request"]["object"]
+    cases.append((post(session, server, doc), 400, "request.object is missing"))
+    doc = review_doc(pod(namespace="team-payments"))
+    doc["request"]["object"]["spec"]["nodeSelector"] = "pool1"
+    cases.append((post(session, server, doc), 400, "nodeSelector must be an object"))
+    for response, status, fragment in cases:
+        assert response.status_code == status, response.text
+        assert fragment in error_of(response)
+    uid_kept = post(session, server, doc).json()["response"]["uid"]
+    assert uid_kept == "uid-1"
+    # Still serving, with the same workers: none crashed.
+    assert post(session, server, review_doc(pod(namespace="team-payments"))).status_code == 200
+    assert server.worker_pids() == workers
+    assert "Traceback" not in server.log()
+
+
+def test_server_health_endpoints_and_unknown_paths(server, session):
+    assert session.get(server.url + "/healthz").status_code == 200
+    assert session.get(server.url + "/readyz").status_code == 200
+    missing = session.get(server.url + "/nope")
+    assert missing.status_code == 404 and "POST /mutate" in missing.json()["endpoints"]
+    assert session.get(server.url + "/mutate").status_code == 405
+
+
+def test_server_oversized_body_gets_413_then_serves_again(server, session):
+    body = b'{"pad": "' + b"x" * (MAX_BODY_BYTES + 10) + b'"}'
+    response = session.post(server.url + "/mutate", data=body,
+                            headers={"Content-Type": "application/json"}, timeout=30)
+    assert response.status_code == 413 and "at most" in error_of(response)
+    assert post(session, server, review_doc(pod(namespace="team-payments"))).status_code == 200
+
+
+def test_server_oversized_chunked_body_gets_413(server, session):
+    chunk = b"x" * (1024 * 1024)
+
+    def body():
+        yield b'{"pad": "'
+        for _ in range(8):
+            yield chunk
+
+    response = session.post(server.url + "/mutate", data=body(),
+                            headers={"Content-Type": "application/json"}, timeout=30)
+    assert response.status_code == 413
+
+
+def read_response(sock: ssl.SSLSocket, deadline_s: float = 10.0) -> bytes:
+    sock.settimeout(deadline_s)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = int([line.split(b":")[1] for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length")][0])
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        rest += chunk
+    return head + b"\r\n\r\n" + rest
+
+
+def test_server_declared_oversize_is_refused_without_waiting_for_the_body(server):
+    """A client that announces 8 MiB and keeps the connection open gets 413 at once, then EOF."""
+    raw = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    with server.tls_context().wrap_socket(raw, server_hostname="localhost") as sock:
+        sock.sendall(b"POST /mutate HTTP/1.1\r\nHost: localhost\r\n"
+                     b"Content-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % (MAX_BODY_BYTES + 1))
+        response = read_response(sock)
+        assert response.startswith(b"HTTP/1.1 413")
+        assert b"at most" in response
+        sock.settimeout(10)
+        assert sock.recv(1) == b"", "the server must close the connection after a 413"
+
+
+def test_server_keeps_connections_alive(server, deployment_pod_review):
+    """The API server reuses connections; a new TLS handshake per review would cost ~5 ms."""
+    connection = http.client.HTTPSConnection("localhost", server.port,
+                                             context=server.tls_context(), timeout=10)
+    try:
+        body = json.dumps(deployment_pod_review)
+        sockets = []
+        for _ in range(3):
+            connection.request("POST", "/mutate", body, {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            assert response.status == 200 and json.loads(response.read())["response"]["allowed"]
+            assert not response.will_close
+            sockets.append(connection.sock)
+        assert sockets[0] is not None and all(s is sockets[0] for s in sockets)
+    finally:
+        connection.close()
+
+
+def test_server_refuses_tls_below_1_2(server):
+    context = server.tls_context()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # TLSVersion.TLSv1_1 is deprecated
+            context.minimum_version = ssl.TLSVersion.TLSv1
+            context.maximum_version = ssl.TLSVersion.TLSv1_1
+        context.set_ciphers("DEFAULT:@SECLEVEL=0")  # OpenSSL 3 offers TLS < 1.2 only at level 0
+    except (ValueError, ssl.SSLError) as exc:  # pragma: no cover - depends on local OpenSSL
+        pytest.skip(f"this OpenSSL cannot build a TLS 1.1 client: {exc}")
+    raw = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    with pytest.raises(ssl.SSLError):
+        with context.wrap_socket(raw, server_hostname="localhost"):
+            pass
+    raw.close()
+    deadline = time.monotonic() + 10
+    while "UNSUPPORTED_PROTOCOL" not in server.log():
+        assert time.monotonic() < deadline, "the server did not log refusing TLS 1.1"
+        time.sleep(0.1)
+
+
+def test_server_logs_one_json_line_per_admission(server, session):
+    doc = review_doc(pod(namespace="team-payments"), uid="log-probe-uid")
+    assert post(session, server, doc).status_code == 200
+    deadline = time.monotonic() + 10
+    while True:
+        lines = [json.loads(line) for line in server.log().splitlines()
+                 if "log-probe-uid" in line]
+        if lines or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert len(lines) == 1
+    entry = lines[0]
+    assert entry["decision"] == "patched" and entry["rules"] == ["agentpool-node-selector"]
+    assert entry["namespace"] == "team-payments" and entry["patchOps"] == 1
+    assert "object" not in entry and "spec" not in json.dumps(entry)
+
+
+def test_server_serves_a_replaced_certificate_without_restart(tmp_path):
+    certs = tmp_path / "certs"
+    create_certificates(certs, "poolkeeper", "poolkeeper-system")
+    old_ca = tmp_path / "old-ca.crt"
+    shutil.copy(certs / "ca.crt", old_ca)
+    srv = start_server(certs, tmp_path / "server.log", "--namespaces",
+                       str(TESTDATA / "namespaces.yaml"), workers=1)
+    try:
+        assert requests.get(srv.url + "/healthz", verify=str(old_ca), timeout=5).ok
+        create_certificates(certs, "poolkeeper", "poolkeeper-system", force=True)
+        pid = srv.process.pid
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if requests.get(srv.url + "/healthz", verify=srv.ca, timeout=5).ok:
+                    break
+            except requests.exceptions.SSLError:
+                pass
+            assert time.monotonic() < deadline, "the new certificate was never served"
+            time.sleep(0.2)
+        with pytest.raises(requests.exceptions.SSLError):
+            requests.get(srv.url + "/healthz", verify=str(old_ca), timeout=5)
+        assert srv.process.pid == pid and srv.process.poll() is None
+    finally:
+        srv.stop()
+
+
+def test_server_sees_a_changed_namespace_file(tmp_path, cert_dir):
+    namespaces = tmp_path / "namespaces.yaml"
+    shutil.copy(TESTDATA / "namespaces.yaml", namespaces)
+    srv = start_server(cert_dir, tmp_path / "server.log", "--namespaces", str(namespaces),
+                       workers=1)
+    try:
+        doc = review_doc(pod(namespace="team-payments"))
+        with srv.session() as s:
+            first = post(s, srv, doc).json()["response"]
+            assert json.loads(base64.b64decode(first["patch"]))[0]["value"] == {"agentpool": "pool1"}
+            namespaces.write_text(namespaces.read_text().replace(
+                "team-payments, agentpool: pool1", "team-payments, agentpool: pool7"))
+            deadline = time.monotonic() + 20
+            while True:
+                answer = post(s, srv, copy.deepcopy(doc)).json()["response"]
+                value = json.loads(base64.b64decode(answer["patch"]))[0]["value"]
+                if value == {"agentpool": "pool7"}:
+                    break
+                assert time.monotonic() < deadline, "the relabel in the file was never seen"
+                time.sleep(0.2)
+    finally:
+        srv.stop()
