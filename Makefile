@@ -24,10 +24,14 @@ run: certs
 	$(BIN)/poolkeeper serve --host 127.0.0.1 --port 8443 --cert-dir $(CERTS) \
 		--namespaces testdata/namespaces.yaml
 
-# pytest exits 5 when it collected nothing: that must fail, not pass silently.
+# pytest exits 5 when it collected nothing: that must fail, not pass silently. The coverage gate:
+# every line and branch of the rule implementations (app/rules/) is executed by the tests.
 test: $(STAMP)
-	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+	@$(BIN)/python -m pytest --cov=app --cov-branch --cov-report= $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; \
+	if [ $$rc -ne 0 ]; then exit $$rc; fi; \
+	echo "coverage gate: app/rules/ must be 100% (lines and branches)"; \
+	$(BIN)/coverage report --include='app/rules/*' --fail-under=100
 
 clean:
 	rm -rf $(VENV) $(CERTS) .pytest_cache .hypothesis .coverage *.egg-info

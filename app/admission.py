@@ -1,33 +1,53 @@
 """Owns the decision: runs every rule over one request and composes a single response.
 
-:func:`admit` is pure: given a request, a namespace-label lookup and the rules, it returns an
-:class:`~app.review.AdmissionResponse`. It never touches the network itself (the lookup is
-injected) and never mutates the request. All rules run in one pass over one copy-on-write view,
-so their edits compose into one patch; any denial wins and the message names every rule that
-denied.
+:func:`admit` is pure: given a request, a namespace-label lookup and the rules, it returns a
+:class:`Decision`. It never touches the network itself (the lookup is injected) and never
+mutates the request. All rules run in one pass over one copy-on-write view, so their edits
+compose into one patch; any ``enforce`` denial wins and the message names every rule that
+denied. A rule in ``warn`` mode runs on a scratch view: its edits and denials become admission
+warnings ("would ...") and nothing else; a rule that is ``off`` does not run.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Sequence
 
 from .patching import ObjectEditor
 from .review import MUTATING_OPERATIONS, AdmissionRequest, AdmissionResponse, allowed, denied, patched
 from .rules import Rule, RuleContext
-
-NamespaceLookup = Callable[[str], Mapping[str, str] | None]
+from .rules.base import NamespaceLookup
 
 # A rule refusal is a policy decision about an authenticated user's object.
 DENIAL_CODE = 403
+# Warnings longer than this are truncated (admission warnings should stay under 120 characters;
+# the API server drops ones over 256 and limits their total).
+MAX_WARNING = 120
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """What one rule did to one request, for logs, metrics and events."""
+
+    rule: str
+    effect: str  # mutated | denied | warned
+    detail: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """The response plus what the log line needs: which rules acted."""
-
     response: AdmissionResponse
-    rules: tuple[str, ...] = ()
+    actions: tuple[Action, ...] = field(default=())
+
+    @property
+    def rules(self) -> tuple[str, ...]:
+        """Names of the rules that acted, each once, in order."""
+        return tuple(dict.fromkeys(a.rule for a in self.actions))
+
+
+def warning(rule: str, text: str) -> str:
+    message = f"[{rule}] {text}"
+    return message if len(message) < MAX_WARNING else message[:MAX_WARNING - 4] + "..."
 
 
 def admit(request: AdmissionRequest, namespace_labels: NamespaceLookup,
@@ -38,16 +58,29 @@ def admit(request: AdmissionRequest, namespace_labels: NamespaceLookup,
     ctx = RuleContext(request, namespace_labels)
     denials: list[str] = []
     warnings: list[str] = []
-    acted: list[str] = []
+    actions: list[Action] = []
     for rule in rules:
-        ops_before = len(editor.ops)
-        result = rule.evaluate(ctx, editor)
-        denials.extend(result.denials)
-        warnings.extend(result.warnings)
-        if result.denials or result.warnings or len(editor.ops) != ops_before:
-            acted.append(rule.name)
+        if rule.enforcement == "off" or not rule.match.matches(ctx):
+            continue
+        if rule.enforcement == "warn":
+            result = rule.impl.evaluate(ctx, ObjectEditor(editor.current))
+            would = [f"would {e}" for e in result.effects]
+            would += [f"would deny: {d}" for d in result.denials]
+            for text in (*would, *result.warnings):
+                warnings.append(warning(rule.name, text))
+                actions.append(Action(rule.name, "warned", text))
+            continue
+        result = rule.impl.evaluate(ctx, editor)
+        for effect in result.effects:
+            actions.append(Action(rule.name, "mutated", effect))
+        for text in result.denials:
+            denials.append(f"[{rule.name}] {text}")
+            actions.append(Action(rule.name, "denied", text))
+        for text in result.warnings:
+            warnings.append(warning(rule.name, text))
+            actions.append(Action(rule.name, "warned", text))
     if denials:
-        return Decision(denied(DENIAL_CODE, "; ".join(denials), warnings), tuple(acted))
+        return Decision(denied(DENIAL_CODE, "; ".join(denials), warnings), tuple(actions))
     if editor.ops:
-        return Decision(patched(editor.ops, warnings), tuple(acted))
-    return Decision(allowed(warnings), tuple(acted))
+        return Decision(patched(editor.ops, warnings), tuple(actions))
+    return Decision(allowed(warnings), tuple(actions))

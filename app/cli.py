@@ -16,21 +16,9 @@ from .config import ENV_PREFIX, ConfigError, Settings, load_settings
 DESCRIPTION = "poolkeeper: pins each namespace's pods to its node pool (mutating admission webhook)"
 
 
-def _add_rule_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("pool rule")
-    group.add_argument("--namespace-label-key", metavar="KEY",
-                       help="namespace label naming the pool (default agentpool)")
-    group.add_argument("--node-label-key", metavar="KEY",
-                       help="node label key put in nodeSelector (default agentpool; e.g. "
-                            "kubernetes.azure.com/agentpool on AKS)")
-    group.add_argument("--default-pool", metavar="POOL",
-                       help="pool for namespaces without the label (default: leave them alone)")
-    group.add_argument("--excluded-namespaces", metavar="NS,NS",
-                       help="namespaces never touched (default kube-system,kube-public,"
-                            "kube-node-lease,poolkeeper-system)")
-
-
 def _add_source_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rules", dest="rules_dir", metavar="DIR",
+                        help="directory of rule files (default: the shipped rules/)")
     group = parser.add_argument_group("namespace source")
     group.add_argument("--namespaces", dest="namespaces_file", metavar="FILE",
                        help="read Namespace objects from this YAML file instead of the API server")
@@ -60,7 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="serve cached labels this long while the API server fails, then "
                             "answer 500 (default 300)")
     _add_source_options(serve)
-    _add_rule_options(serve)
 
     mutate = commands.add_parser(
         "mutate", help="show offline what poolkeeper does to an object",
@@ -74,7 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     mutate.add_argument("--namespace", "-n", dest="object_namespace", metavar="NS",
                         help="namespace of the object when it names none (default 'default')")
     _add_source_options(mutate)
-    _add_rule_options(mutate)
+
+    test = commands.add_parser(
+        "test", help="run golden rule cases, like kyverno test",
+        description="Runs every case under DIR/<rule-name>/<case-name>/ against that rule from "
+                    "--rules. Prints one line per case and 'N passed, N failed'; exits 1 on a "
+                    "failure or when no case ran.")
+    test.add_argument("cases", nargs="?", default=None, metavar="DIR",
+                      help="default: testdata/rules")
+    test.add_argument("--rules", dest="rules_dir", metavar="DIR",
+                      help="directory of rule files (default: the shipped rules/)")
 
     certs = commands.add_parser("certs", help="create a CA and a serving certificate")
     certs.add_argument("--out", required=True, metavar="DIR")
@@ -86,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_NOT_SETTINGS = {"command", "input", "output", "object_namespace"}
+_NOT_SETTINGS = {"command", "input", "output", "object_namespace", "cases"}
 
 
 def _settings_from(args: argparse.Namespace) -> Settings:
@@ -101,6 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return serve(args)
         if args.command == "mutate":
             return mutate(args)
+        if args.command == "test":
+            return test(args)
         return certs(args)
     except ConfigError as exc:
         print(f"poolkeeper: {exc}", file=sys.stderr)
@@ -109,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def serve(args: argparse.Namespace) -> int:
     settings = _settings_from(args)
+    _load_rules(settings)  # an invalid rule fails start-up here, with every problem named
     from .tls import cert_paths
 
     missing = [p for p in cert_paths(settings.cert_dir) if not os.path.isfile(p)]
@@ -134,37 +133,32 @@ def _read_input(path: str) -> Any:
 
 
 def _request_for(doc: Any, namespace: str | None):
-    from .review import AdmissionRequest, GroupVersionKind, parse_review
+    from .cases import request_for
+    from .review import parse_review
 
     if not isinstance(doc, dict):
         raise ConfigError("INPUT must be a Kubernetes object or an AdmissionReview")
     if doc.get("kind") == "AdmissionReview":
         return parse_review(doc)
-    api_version, kind = doc.get("apiVersion"), doc.get("kind")
-    if not isinstance(api_version, str) or not isinstance(kind, str):
+    if not isinstance(doc.get("apiVersion"), str) or not isinstance(doc.get("kind"), str):
         raise ConfigError("INPUT has no apiVersion and kind: is it a Kubernetes object?")
-    group, _, version = api_version.rpartition("/")
-    metadata = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
-    cluster_scoped = kind == "Namespace"
-    ns = "" if cluster_scoped else (metadata.get("namespace") or namespace or "default")
-    return AdmissionRequest(uid="poolkeeper-mutate", kind=GroupVersionKind(group, version, kind),
-                            operation="CREATE", namespace=ns, name=metadata.get("name") or "",
-                            object=doc, old_object=None)
+    return request_for(doc, namespace=namespace, uid="poolkeeper-mutate")
 
 
 def mutate(args: argparse.Namespace) -> int:
     from .admission import admit
-    from .namespaces import namespace_source
+    from .namespaces import NamespaceLookupError, namespace_source
     from .patching import ObjectShapeError
     from .review import ReviewError, encode_review
-    from .rules import build_rules
 
     settings = _settings_from(args)
+    rules = _load_rules(settings)
     try:
         request = _request_for(_read_input(args.input), args.object_namespace)
         source = namespace_source(settings)
-        decision = admit(request, source.labels, build_rules(settings))
-    except (OSError, yaml.YAMLError, ReviewError, ObjectShapeError) as exc:
+        decision = admit(request, source.labels, rules)
+    except (OSError, yaml.YAMLError, ReviewError, ObjectShapeError,
+            NamespaceLookupError) as exc:
         print(f"poolkeeper: {exc}", file=sys.stderr)
         return 2
     response = decision.response
@@ -181,6 +175,35 @@ def mutate(args: argparse.Namespace) -> int:
         print(f"denied: {response.message}", file=sys.stderr)
         return 1
     return 0
+
+
+def _load_rules(settings: Settings):
+    from .rules import SHIPPED_RULES, load_rules
+
+    return load_rules(settings.rules_dir or SHIPPED_RULES)
+
+
+DEFAULT_CASES = "testdata/rules"
+
+
+def test(args: argparse.Namespace) -> int:
+    from .cases import discover, run_case
+
+    rules = _load_rules(_settings_from(args))
+    directory = args.cases or DEFAULT_CASES
+    if not os.path.isdir(directory):
+        raise ConfigError(f"case directory {directory} does not exist")
+    results = [run_case(case, rules) for case in discover(directory)]
+    for result in results:
+        status = "PASS" if result.passed else "FAIL"
+        detail = "" if result.passed else f": {result.detail}"
+        print(f"{status} {result.case.id}{detail}")
+    passed = sum(r.passed for r in results)
+    failed = len(results) - passed
+    print(f"{passed} passed, {failed} failed")
+    if not results:
+        print(f"poolkeeper test: no cases under {directory}", file=sys.stderr)
+    return 0 if results and not failed else 1
 
 
 def certs(args: argparse.Namespace) -> int:

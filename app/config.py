@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
 ENV_PREFIX = "POOLKEEPER_"
 
-# Namespaces whose pods poolkeeper never touches: the control plane's own and its own namespace,
-# so the webhook can always restart.
+# Namespaces rules leave alone unless a rule file says otherwise: the control plane's own and
+# poolkeeper's, so the webhook can always restart.
 DEFAULT_EXCLUDED_NAMESPACES = ("kube-system", "kube-public", "kube-node-lease", "poolkeeper-system")
 
 # The API server limits a stored object to 3 MiB (etcd's request limit is 1.5 MiB by default, the
@@ -58,11 +58,8 @@ class Settings:
     kubeconfig: str | None = None  # default: in-cluster, else $KUBECONFIG / ~/.kube/config
     cache_ttl: float = 30.0  # seconds a GET result is trusted while the watch is down
     max_stale: float = 300.0  # seconds cached labels may be served while the API server fails
-    # the pool rule
-    namespace_label_key: str = "agentpool"
-    node_label_key: str = "agentpool"
-    default_pool: str | None = None
-    excluded_namespaces: tuple[str, ...] = field(default=DEFAULT_EXCLUDED_NAMESPACES)
+    # rules/*.yaml to enforce; None: the rules shipped beside the package
+    rules_dir: str | None = None
 
     def resolved_workers(self) -> int:
         return self.workers or 2 * (os.cpu_count() or 1) + 1
@@ -74,10 +71,6 @@ _LOG_LEVELS = ("debug", "info", "warning", "error")
 def _convert(name: str, raw: Any, typ: str) -> Any:
     if raw is None:
         return None
-    if "tuple" in typ:
-        if isinstance(raw, str):
-            return tuple(p.strip() for p in raw.split(",") if p.strip())
-        return tuple(raw)
     if "int" in typ and "float" not in typ:
         return int(raw)
     if "float" in typ:
@@ -131,13 +124,8 @@ def _validate(s: Settings) -> list[str]:
         problems.append(f"log-level: {s.log_level!r} is not one of {', '.join(_LOG_LEVELS)}")
     if s.cache_ttl <= 0 or s.max_stale < s.cache_ttl:
         problems.append(f"cache-ttl ({s.cache_ttl}) must be > 0 and <= max-stale ({s.max_stale})")
-    for name in ("namespace_label_key", "node_label_key"):
-        key = getattr(s, name)
-        if not is_label_key(key):
-            problems.append(f"{name.replace('_', '-')}: {key!r} is not a valid label key "
-                            "(optional DNS prefix and '/', then up to 63 of [A-Za-z0-9-_.])")
-    if s.default_pool is not None and (not s.default_pool or not is_label_value(s.default_pool)):
-        problems.append(f"default-pool: {s.default_pool!r} is not a valid label value")
+    if s.rules_dir is not None and not os.path.isdir(s.rules_dir):
+        problems.append(f"rules: {s.rules_dir!r} is not a directory")
     if s.namespaces_file is not None and not os.path.isfile(s.namespaces_file):
         problems.append(f"namespaces: {s.namespaces_file!r} is not a readable file")
     return problems

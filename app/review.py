@@ -35,9 +35,6 @@ class GroupVersionKind:
     version: str
     kind: str
 
-    def __str__(self) -> str:
-        return f"{self.group or 'core'}/{self.version}/{self.kind}"
-
 
 @dataclass(frozen=True, slots=True)
 class AdmissionRequest:

@@ -24,8 +24,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Sequence
-
 import orjson
 from flask import Flask, Response, request
 
@@ -34,7 +32,7 @@ from .config import MAX_BODY_BYTES, Settings, load_settings
 from .namespaces import NamespaceLookupError, NamespaceSource, namespace_source
 from .patching import ObjectShapeError
 from .review import ReviewError, encode_review, errored, parse_review
-from .rules import Rule, build_rules
+from .rules import SHIPPED_RULES, WEBHOOKS, RuleStore
 
 log = logging.getLogger("poolkeeper.webhook")
 admission_log = logging.getLogger("poolkeeper.admission")
@@ -57,20 +55,26 @@ def _close_connection_after_response() -> None:
 
 
 def create_app(settings: Settings | None = None, *, source: NamespaceSource | None = None,
-               rules: Sequence[Rule] | None = None) -> Flask:
+               rules: RuleStore | None = None) -> Flask:
     """Build the app; with no arguments, settings come from the ``POOLKEEPER_*`` environment."""
     settings = settings or load_settings()
+    rules = rules or RuleStore(settings.rules_dir or SHIPPED_RULES)
     source = source or namespace_source(settings)
-    rules = tuple(build_rules(settings) if rules is None else rules)
     source.start()
 
     app = Flask("poolkeeper")
     app.config["MAX_CONTENT_LENGTH"] = None  # checked below, so the answer is an AdmissionReview
     app.extensions["poolkeeper"] = {"settings": settings, "source": source, "rules": rules}
 
-    @app.post("/mutate")
-    def mutate() -> Response:
+    # /mutate runs every rule; /mutate/<webhook> only the rules served there, so each webhook
+    # configuration (placement fails closed, defaults fail open) runs its own rules.
+    @app.post("/mutate", defaults={"webhook": None})
+    @app.post("/mutate/<webhook>")
+    def mutate(webhook: str | None) -> Response:
         started = time.perf_counter()
+        if webhook is not None and webhook not in WEBHOOKS:
+            return _error(404, f"no webhook path /mutate/{webhook}: use /mutate or one of "
+                               + ", ".join(f"/mutate/{w}" for w in WEBHOOKS))
         if request.mimetype != JSON:
             return _error(415, f"content type {request.mimetype or 'none'!r} is not supported: "
                                f"send the AdmissionReview as {JSON}")
@@ -87,7 +91,7 @@ def create_app(settings: Settings | None = None, *, source: NamespaceSource | No
         except ReviewError as exc:
             return _error(400, str(exc), exc.uid)
         try:
-            decision = admission.admit(review_request, source.labels, rules)
+            decision = admission.admit(review_request, source.labels, rules.rules(webhook))
         except ObjectShapeError as exc:
             return _error(400, f"request.object is malformed: {exc}", review_request.uid)
         except NamespaceLookupError as exc:
@@ -124,8 +128,8 @@ def create_app(settings: Settings | None = None, *, source: NamespaceSource | No
     @app.errorhandler(405)
     def not_routed(exc) -> Response:
         return Response(orjson.dumps({"error": f"{request.method} {request.path}: {exc.name}",
-                                      "endpoints": ["POST /mutate", "GET /healthz",
-                                                    "GET /readyz"]}),
+                                      "endpoints": ["POST /mutate", "POST /mutate/<webhook>",
+                                                    "GET /healthz", "GET /readyz"]}),
                         exc.code, mimetype=JSON)
 
     return app

@@ -55,6 +55,15 @@ class Server:
                              capture_output=True, text=True).stdout
         return {int(p) for p in out.split()}
 
+    def wait_for_workers(self, count: int, deadline_s: float = 30.0) -> set[int]:
+        """The worker pids once ``count`` workers run (the first ready one answers earlier)."""
+        deadline = time.monotonic() + deadline_s
+        while len(pids := self.worker_pids()) != count:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"expected {count} workers, have {pids}:\n{self.log()}")
+            time.sleep(0.1)
+        return pids
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)

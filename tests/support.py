@@ -62,3 +62,21 @@ def pod(selector: dict | None = None, *, namespace: str = "team-a", name: str = 
     spec.update(spec_extra)
     return {"apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "namespace": namespace}, "spec": spec}
+
+
+def shipped_rules(*names: str):
+    """The shipped rules (only ``names`` when given), as the server loads them."""
+    from app.rules import SHIPPED_RULES, load_rules
+
+    rules = load_rules(SHIPPED_RULES)
+    return tuple(r for r in rules if not names or r.name in names)
+
+
+def pool_rules(**params):
+    """The shipped pool rule with other params (camelCase, as in the rule file)."""
+    import dataclasses
+
+    from app.rules import PoolPlacement
+
+    (rule,) = shipped_rules("agentpool-node-selector")
+    return (dataclasses.replace(rule, impl=PoolPlacement(**params)),)

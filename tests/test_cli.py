@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 import subprocess
 import sys
 
@@ -41,20 +42,35 @@ def test_cli_mutate_reads_an_admission_review_from_stdin():
     result = run("mutate", "--namespaces", NAMESPACES, "--output", "review", "-", stdin=review)
     assert result.returncode == 0, result.stderr
     answer = json.loads(result.stdout)["response"]
-    assert json.loads(base64.b64decode(answer["patch"])) == [
-        {"op": "add", "path": "/spec/nodeSelector", "value": {"agentpool": "pool1"}}]
+    ops = json.loads(base64.b64decode(answer["patch"]))
+    assert {"op": "add", "path": "/spec/nodeSelector", "value": {"agentpool": "pool1"}} in ops
+    assert {"op": "remove", "path": "/spec/containers/0/resources/limits/cpu"} in ops
 
 
-def test_cli_mutate_options_change_the_rule(capsys):
-    code = main(["mutate", "--namespaces", NAMESPACES, "--node-label-key",
-                 "kubernetes.azure.com/agentpool", "--namespace", "team-search",
+def rules_dir(tmp_path, **replacements):
+    """A copy of the shipped rules with text replaced in the named files."""
+    target = tmp_path / "rules"
+    shutil.copytree(ROOT / "rules", target)
+    for name, (old, new) in replacements.items():
+        path = target / f"{name}.yaml"
+        assert old in path.read_text()
+        path.write_text(path.read_text().replace(old, new))
+    return str(target)
+
+
+def test_cli_mutate_rules_option_changes_the_rules(tmp_path, capsys):
+    rules = rules_dir(tmp_path, **{"agentpool-node-selector": (
+        "nodeLabelKey: agentpool", "nodeLabelKey: kubernetes.azure.com/agentpool")})
+    code = main(["mutate", "--namespaces", NAMESPACES, "--rules", rules,
                  str(TESTDATA / "pods/plain-pod.yaml")])
     obj = yaml.safe_load(capsys.readouterr().out)
     assert code == 0
     assert obj["spec"]["nodeSelector"] == {"kubernetes.azure.com/agentpool": "pool1"}
-    # the object's own namespace wins over --namespace; default-pool covers unlabelled ones
-    code = main(["mutate", "--namespaces", NAMESPACES, "--default-pool", "general", "-n",
-                 "default", str(TESTDATA / "pods/daemonset.yaml")])
+
+
+def test_cli_mutate_object_namespace_wins_over_the_option(capsys):
+    code = main(["mutate", "--namespaces", NAMESPACES, "-n", "default",
+                 str(TESTDATA / "pods/daemonset.yaml")])
     assert code == 0 and yaml.safe_load(capsys.readouterr().out)["spec"]["template"]["spec"][
         "nodeSelector"] == {"agentpool": "pool2"}
 
@@ -85,13 +101,22 @@ def test_cli_mutate_missing_input_file(capsys):
     assert "No such file" in capsys.readouterr().err
 
 
-def test_cli_config_errors_are_reported_together(capsys):
-    code = main(["mutate", "--namespaces", "/nonexistent.yaml", "--node-label-key", "bad key!",
-                 "--default-pool", "no spaces allowed", "x.yaml"])
+def test_cli_config_errors_are_reported_together(tmp_path, capsys):
+    code = main(["mutate", "--namespaces", "/nonexistent.yaml", "--rules", "/nonexistent-rules",
+                 "x.yaml"])
     err = capsys.readouterr().err
     assert code == 2
-    for part in ("node-label-key", "default-pool", "/nonexistent.yaml"):
+    for part in ("/nonexistent.yaml", "/nonexistent-rules"):
         assert part in err
+
+
+def test_cli_invalid_rules_fail_with_file_and_field(tmp_path, capsys):
+    rules = rules_dir(tmp_path, **{"image-pull-policy": ("policy: Always", "policy: Sometimes")})
+    code = main(["mutate", "--namespaces", NAMESPACES, "--rules", rules,
+                 str(TESTDATA / "pods/plain-pod.yaml")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "image-pull-policy.yaml: params.policy: 'Sometimes' is not one of Always" in err
 
 
 def test_cli_certs_writes_a_pair_and_prints_the_ca_bundle(tmp_path):
@@ -113,8 +138,34 @@ def test_cli_serve_without_certificates_says_how_to_make_them(tmp_path, capsys):
     assert "poolkeeper certs --out" in capsys.readouterr().err
 
 
-def test_cli_environment_configures_settings(monkeypatch, capsys):
-    monkeypatch.setenv("POOLKEEPER_NODE_LABEL_KEY", "example.com/pool")
+def test_cli_environment_configures_settings(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("POOLKEEPER_RULES_DIR", rules_dir(tmp_path, **{"agentpool-node-selector": (
+        "nodeLabelKey: agentpool", "nodeLabelKey: example.com/pool")}))
     assert main(["mutate", "--namespaces", NAMESPACES, str(TESTDATA / "pods/plain-pod.yaml")]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["spec"]["nodeSelector"] == {
         "example.com/pool": "pool1"}
+
+
+def test_cli_test_runs_the_golden_cases():
+    result = run("test")
+    lines = result.stdout.splitlines()
+    assert result.returncode == 0, result.stdout
+    assert lines[-1].endswith(" passed, 0 failed") and int(lines[-1].split()[0]) >= 20
+    assert "PASS agentpool-node-selector/pod-with-other-pool-is-denied" in lines
+
+
+def test_cli_test_fails_on_a_wrong_expectation(tmp_path):
+    cases = tmp_path / "cases"
+    shutil.copytree(TESTDATA / "rules/image-pull-policy", cases / "image-pull-policy")
+    expected = cases / "image-pull-policy/platform-pod-pulls-always/expected.yaml"
+    expected.write_text(expected.read_text().replace("Always", "Never"))
+    result = run("test", str(cases))
+    assert result.returncode == 1
+    assert "FAIL image-pull-policy/platform-pod-pulls-always: object differs" in result.stdout
+    assert result.stdout.splitlines()[-1] == "2 passed, 1 failed"
+
+
+def test_cli_test_with_no_cases_fails(tmp_path):
+    result = run("test", str(tmp_path))
+    assert result.returncode == 1 and result.stdout.strip() == "0 passed, 0 failed"
+    assert "no cases" in result.stderr

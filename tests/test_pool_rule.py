@@ -8,11 +8,9 @@ import jsonpatch
 import pytest
 
 from app.admission import admit
-from app.config import load_settings
 from app.patching import ObjectShapeError
-from app.rules import PoolPlacement, build_rules
 
-from .support import load_yaml, make_request, pod
+from .support import load_yaml, make_request, pod, pool_rules
 
 NAMESPACES = {
     "team-a": {"agentpool": "pool1"},
@@ -21,7 +19,7 @@ NAMESPACES = {
     "kube-system": {"agentpool": "system"},
     "empty-label": {"agentpool": ""},
 }
-RULES = build_rules(load_settings({}, environ={}))
+RULES = pool_rules()
 
 
 def decide(request, rules=RULES, namespaces=NAMESPACES):
@@ -56,7 +54,7 @@ def test_pool_rule_null_selector_is_replaced_by_a_map():
 
 
 def test_pool_rule_escapes_slashes_in_the_node_label_key():
-    rules = (PoolPlacement(node_label_key="kubernetes.azure.com/agentpool"),)
+    rules = pool_rules(nodeLabelKey="kubernetes.azure.com/agentpool")
     obj = pod({"kubernetes.io/os": "linux"})
     response = decide(make_request(obj), rules)
     assert response.patch == ({"op": "add", "path": "/spec/nodeSelector/kubernetes.azure.com~1agentpool",
@@ -89,7 +87,7 @@ def test_pool_rule_unpooled_namespace_is_left_alone(namespace):
 
 
 def test_pool_rule_default_pool_applies_to_unlabelled_namespaces():
-    rules = (PoolPlacement(default_pool="general"),)
+    rules = pool_rules(defaultPool="general")
     response = decide(make_request(pod(namespace="plain")), rules)
     assert response.patch[0]["value"] == {"agentpool": "general"}
     denied = decide(make_request(pod({"agentpool": "pool2"}, namespace="plain")), rules)

@@ -49,7 +49,7 @@ def post(session, server, doc, path="/mutate", **kw):
 
 
 def test_server_patches_a_deployment_pod(server, session, deployment_pod_review):
-    response = post(session, server, deployment_pod_review)
+    response = post(session, server, deployment_pod_review, path="/mutate/placement")
     assert response.status_code == 200 and response.headers["Content-Type"] == "application/json"
     body = response.json()
     assert body["apiVersion"] == "admission.k8s.io/v1" and body["kind"] == "AdmissionReview"
@@ -58,6 +58,28 @@ def test_server_patches_a_deployment_pod(server, session, deployment_pod_review)
     assert answer["allowed"] is True and answer["patchType"] == "JSONPatch"
     assert json.loads(base64.b64decode(answer["patch"])) == [
         {"op": "add", "path": "/spec/nodeSelector", "value": {"agentpool": "pool1"}}]
+
+
+def ops_of(response) -> list:
+    answer = response.json()["response"]
+    return json.loads(base64.b64decode(answer["patch"])) if "patch" in answer else []
+
+
+def test_server_paths_run_their_own_rules(server, session, deployment_pod_review):
+    pool_op = {"op": "add", "path": "/spec/nodeSelector", "value": {"agentpool": "pool1"}}
+    cpu_ops = [{"op": "remove", "path": f"/spec/containers/{i}/resources/limits/cpu"}
+               for i in (0, 1)]
+    assert ops_of(post(session, server, deployment_pod_review)) == [pool_op, *cpu_ops]
+    assert ops_of(post(session, server, deployment_pod_review, path="/mutate/defaults")) == cpu_ops
+    assert ops_of(post(session, server, deployment_pod_review,
+                       path="/mutate/namespaces")) == []
+    namespace = {"apiVersion": "v1", "kind": "Namespace",
+                 "metadata": {"name": "12345-web-prod", "labels": {}}}
+    assert ops_of(post(session, server, review_doc(namespace), path="/mutate/namespaces")) == [
+        {"op": "add", "path": "/metadata/labels/type", "value": "user-workload"},
+        {"op": "add", "path": "/metadata/labels/systemid", "value": "12345"}]
+    missing = post(session, server, deployment_pod_review, path="/mutate/other")
+    assert missing.status_code == 404 and "/mutate/placement" in error_of(missing)
 
 
 def test_server_denies_another_pool(server, session):
@@ -91,8 +113,7 @@ def error_of(response):
 
 
 def test_server_rejects_bad_input_with_clear_errors_and_keeps_its_workers(server, session):
-    workers = server.worker_pids()
-    assert len(workers) == 2
+    workers = server.wait_for_workers(2)
     url = server.url + "/mutate"
     json_headers = {"Content-Type": "application/json"}
     cases = []

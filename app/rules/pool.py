@@ -1,66 +1,16 @@
-"""Owns the rule kinds: what each rule wants done to an object, said through the edit API.
-
-A rule is pure: it reads the request, asks the context for its namespace's labels (the lookup is
-injected, so no rule touches the network) and edits through :class:`~app.patching.ObjectEditor`.
-It returns a :class:`RuleResult`: the denial messages and warnings it has; its edits are in the
-editor.
-"""
+"""Owns the pool rule kind: pins pods and DaemonSet pod templates to their namespace's node pool."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Mapping, Protocol
+from typing import Mapping
 
-from .config import Settings
-from .patching import ObjectEditor, ObjectShapeError, Path, describe, expect_list, expect_map, lookup
-from .review import AdmissionRequest
+from ..patching import ObjectEditor, ObjectShapeError, Path, describe, expect_list, expect_map
+from .base import NOTHING, Param, RuleContext, RuleResult
+from .params import label_key, optional_label_value
 
 # The annotation the kubelet puts on the API mirror of a static pod; such pods are never
 # scheduled and never edited (admission plugins leave them alone as well).
 MIRROR_POD_ANNOTATION = "kubernetes.io/config.mirror"
-
-
-@dataclass(frozen=True, slots=True)
-class RuleResult:
-    denials: tuple[str, ...] = ()
-    warnings: tuple[str, ...] = ()
-
-
-NOTHING = RuleResult()
-
-
-class RuleContext:
-    """What a rule may know about a request: the request itself and its namespace's labels."""
-
-    __slots__ = ("request", "_lookup", "_labels")
-
-    def __init__(self, request: AdmissionRequest,
-                 namespace_labels: Callable[[str], Mapping[str, str] | None]):
-        self.request = request
-        self._lookup = namespace_labels
-        self._labels: dict[str, Mapping[str, str]] = {}
-
-    @property
-    def namespace(self) -> str:
-        """The request's namespace, or the object's when the request leaves it out."""
-        if self.request.namespace:
-            return self.request.namespace
-        meta = lookup(self.request.object, ("metadata",), {})
-        value = meta.get("namespace") if isinstance(meta, dict) else None
-        return value if isinstance(value, str) else ""
-
-    def namespace_labels(self, name: str) -> Mapping[str, str]:
-        """Labels of namespace ``name`` ({} when it does not exist); looked up once per request."""
-        if name not in self._labels:
-            self._labels[name] = self._lookup(name) or {}
-        return self._labels[name]
-
-
-class Rule(Protocol):
-    name: str
-
-    def evaluate(self, ctx: RuleContext, editor: ObjectEditor) -> RuleResult: ...
-
 
 # Where each kind the pool rule handles keeps its pod spec: (API group, kind) -> path.
 POD_SPEC_PATHS: dict[tuple[str, str], Path] = {
@@ -69,30 +19,37 @@ POD_SPEC_PATHS: dict[tuple[str, str], Path] = {
 }
 
 
-@dataclass(frozen=True)
 class PoolPlacement:
     """Pins pods (and DaemonSet pod templates) to the node pool named by their namespace's label.
 
-    Pod CREATE, DaemonSet CREATE/UPDATE: add ``nodeSelector[node_label_key] = pool`` when absent;
+    Pod CREATE, DaemonSet CREATE/UPDATE: add ``nodeSelector[nodeLabelKey] = pool`` when absent;
     deny a different value, a required node affinity no node of the pool can satisfy, and
     ``spec.nodeName`` (it bypasses the scheduler). Pod UPDATE: only a change of the pool key is
-    judged, as on CREATE. Mirror pods and excluded or unpooled namespaces are left alone.
+    judged, as on CREATE. Mirror pods and unpooled namespaces are left alone.
     """
 
-    name: str = "agentpool-node-selector"
-    namespace_label_key: str = "agentpool"
-    node_label_key: str = "agentpool"
-    default_pool: str | None = None
-    excluded_namespaces: frozenset[str] = field(default_factory=frozenset)
+    KIND = "PoolPlacement"
+    KINDS = ("Pod", "DaemonSet")
+    OPERATIONS = ("CREATE", "UPDATE")
+    PARAMS = {
+        "namespaceLabelKey": Param("agentpool", label_key, "namespace label naming the pool"),
+        "nodeLabelKey": Param("agentpool", label_key,
+                              "node label key set in nodeSelector (e.g. "
+                              "kubernetes.azure.com/agentpool)"),
+        "defaultPool": Param(None, optional_label_value,
+                             "pool for namespaces without the label; null leaves them alone"),
+    }
+
+    def __init__(self, namespaceLabelKey: str = "agentpool", nodeLabelKey: str = "agentpool",
+                 defaultPool: str | None = None):
+        self.namespace_label_key = namespaceLabelKey
+        self.node_label_key = nodeLabelKey
+        self.default_pool = defaultPool
 
     def evaluate(self, ctx: RuleContext, editor: ObjectEditor) -> RuleResult:
         request = ctx.request
-        spec_path = POD_SPEC_PATHS.get((request.kind.group, request.kind.kind))
-        if spec_path is None or request.sub_resource or request.operation not in ("CREATE", "UPDATE"):
-            return NOTHING
+        spec_path = POD_SPEC_PATHS[(request.kind.group, request.kind.kind)]  # match.kinds: KINDS
         namespace = ctx.namespace
-        if namespace in self.excluded_namespaces:
-            return NOTHING
         obj = editor.current
         is_pod = request.kind.kind == "Pod"
         if is_pod and MIRROR_POD_ANNOTATION in expect_map(obj, ("metadata", "annotations")):
@@ -129,9 +86,9 @@ class PoolPlacement:
                            f"scheduled. Allow {self.node_label_key}={pool} in at least one "
                            "term, or drop the term")
         if denials:
-            return RuleResult(denials=tuple(f"[{self.name}] {d}" for d in denials))
-        if value is None:
-            editor.set(key_path, pool)
+            return RuleResult(denials=tuple(denials))
+        if value is None and editor.set(key_path, pool):
+            return RuleResult(effects=(f"set nodeSelector {self.node_label_key}={pool}",))
         return NOTHING
 
     def _where(self, namespace: str, pool: str, labels: Mapping[str, str]) -> str:
@@ -189,10 +146,3 @@ def _requirement_admits(requirement: dict, value: str) -> bool:
 def _quote(value: object) -> str:
     return f'"{value}"' if isinstance(value, str) else repr(value)
 
-
-def build_rules(settings: Settings) -> tuple[Rule, ...]:
-    """The rule set the settings ask for."""
-    return (PoolPlacement(namespace_label_key=settings.namespace_label_key,
-                          node_label_key=settings.node_label_key,
-                          default_pool=settings.default_pool,
-                          excluded_namespaces=frozenset(settings.excluded_namespaces)),)

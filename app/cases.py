@@ -1,0 +1,122 @@
+"""Owns golden rule cases: finding them under testdata/rules/ and judging one against the rules.
+
+A case is a directory ``<dir>/<rule-name>/<case-name>/`` holding:
+
+``input.yaml``       the object as the API server would send it (required)
+``namespaces.yaml``  Namespace objects the cache would return (optional; List or multi-document)
+``old.yaml``         the object before the change: makes the request an UPDATE (optional)
+``expected.yaml``    the object after the patch; absent means no patch is expected
+``denied.txt``       the request must be denied, the message containing every non-empty line
+``warnings.txt``     every non-empty line must appear in one of the warnings
+
+Only the rule the case is filed under runs, as its file in the rules directory configures it.
+Objects are compared after the patch is applied, not op lists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import jsonpatch
+import yaml
+
+from .admission import admit
+from .namespaces import parse_namespaces
+from .review import AdmissionRequest, GroupVersionKind
+from .rules import Rule
+
+CASE_FILES = ("input.yaml", "namespaces.yaml", "old.yaml", "expected.yaml", "denied.txt",
+              "warnings.txt")
+
+
+@dataclass(frozen=True)
+class Case:
+    rule: str
+    name: str
+    path: Path
+
+    @property
+    def id(self) -> str:
+        return f"{self.rule}/{self.name}"
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    case: Case
+    passed: bool
+    detail: str = ""
+
+
+def discover(directory: str | Path) -> list[Case]:
+    directory = Path(directory)
+    cases = []
+    for rule_dir in sorted(p for p in directory.iterdir() if p.is_dir()):
+        for case_dir in sorted(p for p in rule_dir.iterdir() if p.is_dir()):
+            cases.append(Case(rule_dir.name, case_dir.name, case_dir))
+    return cases
+
+
+def request_for(obj: dict, old: dict | None = None, namespace: str | None = None,
+                uid: str = "poolkeeper-test") -> AdmissionRequest:
+    """The AdmissionRequest the API server would send for creating (or updating) ``obj``."""
+    api_version, kind = obj.get("apiVersion", ""), obj.get("kind", "")
+    group, _, version = str(api_version).rpartition("/")
+    metadata = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
+    ns = "" if kind == "Namespace" else (metadata.get("namespace") or namespace or "default")
+    return AdmissionRequest(uid=uid, kind=GroupVersionKind(group, version, str(kind)),
+                            operation="UPDATE" if old is not None else "CREATE", namespace=ns,
+                            name=metadata.get("name") or "", object=obj, old_object=old)
+
+
+def _lines(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_case(case: Case, rules: Sequence[Rule]) -> CaseResult:
+    try:
+        return _judge(case, rules)
+    except (OSError, yaml.YAMLError, ValueError, jsonpatch.JsonPatchException) as exc:
+        return CaseResult(case, False, f"cannot run: {exc}")
+
+
+def _judge(case: Case, rules: Sequence[Rule]) -> CaseResult:
+    unknown = sorted(p.name for p in case.path.iterdir() if p.name not in CASE_FILES)
+    if unknown:
+        return CaseResult(case, False, f"unknown files {unknown}; allowed: {list(CASE_FILES)}")
+    selected = [r for r in rules if r.name == case.rule]
+    if not selected:
+        return CaseResult(case, False, f"no rule named {case.rule!r} in the rules directory")
+    obj = yaml.safe_load((case.path / "input.yaml").read_text())
+    old_path, ns_path = case.path / "old.yaml", case.path / "namespaces.yaml"
+    old = yaml.safe_load(old_path.read_text()) if old_path.exists() else None
+    namespaces = parse_namespaces(ns_path.read_text()) if ns_path.exists() else {}
+    decision = admit(request_for(obj, old), namespaces.get, selected)
+    response = decision.response
+    problems = []
+    denied_path = case.path / "denied.txt"
+    if denied_path.exists():
+        if response.allowed:
+            problems.append("expected a denial, but it was allowed")
+        else:
+            problems += [f"denial lacks {line!r}: {response.message}"
+                         for line in _lines(denied_path) if line not in (response.message or "")]
+    elif not response.allowed:
+        problems.append(f"denied: {response.message}")
+    warnings_path = case.path / "warnings.txt"
+    if warnings_path.exists():
+        problems += [f"no warning contains {line!r}; warnings: {list(response.warnings)}"
+                     for line in _lines(warnings_path)
+                     if not any(line in w for w in response.warnings)]
+    expected_path = case.path / "expected.yaml"
+    if response.allowed:
+        result = jsonpatch.apply_patch(obj, list(response.patch)) if response.patch else obj
+        if expected_path.exists():
+            expected = yaml.safe_load(expected_path.read_text())
+            if result != expected:
+                diff = jsonpatch.make_patch(expected, result).patch
+                problems.append(f"object differs from expected.yaml: {diff}")
+        elif response.patch:
+            problems.append(f"expected no patch, got {list(response.patch)}")
+    return CaseResult(case, not problems, "; ".join(problems))

@@ -1,0 +1,160 @@
+"""Owns what every rule shares: the context a rule sees, its result, match and label selectors.
+
+A rule kind is pure: it reads the request, asks the context for namespace labels (the lookup is
+injected, so no rule touches the network) and edits through :class:`~app.patching.ObjectEditor`.
+It returns a :class:`RuleResult`: what it changed, in words (``effects``), its denials and its
+warnings. The engine (:mod:`app.admission`) applies the rule's enforcement to that result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Mapping, Protocol
+
+from ..patching import ObjectEditor, lookup
+from ..review import AdmissionRequest
+
+NamespaceLookup = Callable[[str], Mapping[str, str] | None]
+
+# Kinds a rule may name in match.kinds: kind -> (API group, cluster-scoped).
+KNOWN_KINDS: dict[str, tuple[str, bool]] = {
+    "Pod": ("", False),
+    "DaemonSet": ("apps", False),
+    "Namespace": ("", True),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RuleResult:
+    effects: tuple[str, ...] = ()  # what the rule changed, e.g. "set imagePullPolicy=Always on 2 containers"
+    denials: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+
+NOTHING = RuleResult()
+
+
+class RuleContext:
+    """What a rule may know about a request: the request and its namespaces' labels."""
+
+    __slots__ = ("request", "_lookup", "_labels")
+
+    def __init__(self, request: AdmissionRequest, namespace_labels: NamespaceLookup):
+        self.request = request
+        self._lookup = namespace_labels
+        self._labels: dict[str, Mapping[str, str]] = {}
+
+    @property
+    def namespace(self) -> str:
+        """The request's namespace, or the object's when the request leaves it out."""
+        if self.request.namespace:
+            return self.request.namespace
+        meta = lookup(self.request.object, ("metadata",), {})
+        value = meta.get("namespace") if isinstance(meta, dict) else None
+        return value if isinstance(value, str) else ""
+
+    def namespace_labels(self, name: str) -> Mapping[str, str]:
+        """Labels of namespace ``name`` ({} when it does not exist); looked up once per request."""
+        if name not in self._labels:
+            self._labels[name] = self._lookup(name) or {}
+        return self._labels[name]
+
+
+class Param:
+    """One setting of a rule kind: its default and a check that returns a problem or None."""
+
+    def __init__(self, default: Any, check: Callable[[Any], str | None], help: str):
+        self.default = default
+        self.check = check
+        self.help = help
+
+
+class RuleKind(Protocol):
+    """A rule kind: a class built from validated params, evaluated once per matching request."""
+
+    KIND: ClassVar[str]
+    KINDS: ClassVar[tuple[str, ...]]  # the object kinds it can act on (keys of KNOWN_KINDS)
+    OPERATIONS: ClassVar[tuple[str, ...]]
+    PARAMS: ClassVar[dict[str, Param]]
+
+    def evaluate(self, ctx: RuleContext, editor: ObjectEditor) -> RuleResult: ...
+
+
+@dataclass(frozen=True)
+class Requirement:
+    key: str
+    operator: str  # In, NotIn, Exists, DoesNotExist
+    values: frozenset[str] = frozenset()
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        if self.operator == "Exists":
+            return self.key in labels
+        if self.operator == "DoesNotExist":
+            return self.key not in labels
+        if self.operator == "In":
+            return labels.get(self.key) in self.values
+        return labels.get(self.key) not in self.values  # NotIn: also true when the key is absent
+
+
+@dataclass(frozen=True)
+class LabelSelector:
+    """metav1.LabelSelector: matchLabels and matchExpressions, all ANDed; empty matches all."""
+
+    requirements: tuple[Requirement, ...] = ()
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        return all(r.matches(labels) for r in self.requirements)
+
+
+@dataclass(frozen=True)
+class Match:
+    kinds: frozenset[tuple[str, str]]  # (API group, kind)
+    operations: frozenset[str]
+    namespace_selector: LabelSelector | None = None
+    object_selector: LabelSelector | None = None
+    excluded_namespaces: frozenset[str] = frozenset()
+
+    def matches(self, ctx: RuleContext) -> bool:
+        request = ctx.request
+        if request.sub_resource or request.operation not in self.operations:
+            return False
+        if (request.kind.group, request.kind.kind) not in self.kinds:
+            return False
+        obj = request.object or {}
+        cluster_scoped = KNOWN_KINDS.get(request.kind.kind, ("", False))[1]
+        # A Namespace is judged by its own name and labels, as the API server's
+        # namespaceSelector does for namespace objects.
+        namespace = (request.name or _name(obj)) if cluster_scoped else ctx.namespace
+        if namespace in self.excluded_namespaces:
+            return False
+        if self.object_selector and not self.object_selector.matches(_labels(obj)):
+            return False
+        if self.namespace_selector:
+            labels = _labels(obj) if cluster_scoped else ctx.namespace_labels(namespace)
+            if not self.namespace_selector.matches(labels):
+                return False
+        return True
+
+
+def _name(obj: Mapping) -> str:
+    name = lookup(obj, ("metadata", "name"), "")
+    return name if isinstance(name, str) else ""
+
+
+def _labels(obj: Mapping) -> Mapping[str, str]:
+    labels = lookup(obj, ("metadata", "labels"), {})
+    return labels if isinstance(labels, dict) else {}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A loaded rule: its file's metadata around a rule kind instance."""
+
+    name: str
+    description: str
+    kind: str
+    match: Match
+    impl: RuleKind
+    enforcement: str = "enforce"  # enforce | warn | off
+    webhook: str = "defaults"  # the path /mutate/<webhook> that runs it
+    source: str = ""  # the file it came from

@@ -1,0 +1,214 @@
+"""Owns the defaulting rule kinds: namespace labels, image pull policy, removal of resource limits."""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal, InvalidOperation
+from typing import Iterator, Mapping
+
+from ..patching import ObjectEditor, Path, expect_list, expect_map, lookup
+from .base import NOTHING, Param, RuleContext, RuleResult
+from .params import label_key, label_map, name_list, one_of, optional_regex
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+class NamespaceLabels:
+    """Labels every new namespace: fixed labels, plus a system id taken from its name.
+
+    ``systemIdLabel`` gets the name up to the first '-' (the whole name when it has none).
+    Existing values of these keys are overwritten. An optional ``namePattern`` is checked with
+    its own enforcement (``namePatternEnforcement``).
+    """
+
+    KIND = "NamespaceLabels"
+    KINDS = ("Namespace",)
+    OPERATIONS = ("CREATE",)
+    PARAMS = {
+        "labels": Param({"type": "user-workload"}, label_map,
+                        "labels set on every new namespace; existing values are overwritten"),
+        "systemIdLabel": Param("systemid", label_key,
+                               "label that gets the namespace name up to the first '-'"),
+        "namePattern": Param(r"^[0-9]{5}-[a-z0-9]+-(dev|test|prod)$", optional_regex,
+                             "regular expression new namespace names should match; null: none"),
+        "namePatternEnforcement": Param("warn", one_of("enforce", "warn", "off"),
+                                        "what a name that does not match the pattern gets"),
+    }
+
+    def __init__(self, labels: Mapping[str, str] = PARAMS["labels"].default,
+                 systemIdLabel: str = "systemid",
+                 namePattern: str | None = PARAMS["namePattern"].default,
+                 namePatternEnforcement: str = "warn"):
+        self.labels = dict(labels)
+        self.system_id_label = systemIdLabel
+        self.name_pattern = re.compile(namePattern) if namePattern else None
+        self.name_pattern_enforcement = namePatternEnforcement
+
+    def evaluate(self, ctx: RuleContext, editor: ObjectEditor) -> RuleResult:
+        meta = expect_map(editor.current, ("metadata",))
+        name = ctx.request.name or meta.get("name") or ""
+        generate_name = meta.get("generateName") or ""
+        wanted = dict(self.labels)
+        base = name or generate_name
+        if isinstance(base, str) and base.split("-", 1)[0]:
+            wanted[self.system_id_label] = base.split("-", 1)[0]
+        changed = [f"{key}={value}" for key, value in wanted.items()
+                   if editor.set(("metadata", "labels", key), value)]
+        effects = (f"set labels {', '.join(changed)}",) if changed else ()
+        if not (self.name_pattern and name and self.name_pattern_enforcement != "off"
+                and not self.name_pattern.search(name)):
+            return RuleResult(effects=effects)
+        problem = f"namespace name {name!r} does not match {self.name_pattern.pattern}"
+        if self.name_pattern_enforcement == "enforce":
+            return RuleResult(effects=effects, denials=(f"{problem}; choose a name that does",))
+        return RuleResult(effects=effects, warnings=(problem,))
+
+
+def _containers(obj: dict) -> Iterator[tuple[Path, dict]]:
+    """(path, container) for every init container and container of a pod."""
+    for field in ("initContainers", "containers"):
+        for index, container in enumerate(expect_list(obj, ("spec", field))):
+            if isinstance(container, dict):
+                yield ("spec", field, index), container
+
+
+class ImagePullPolicy:
+    """Sets ``imagePullPolicy`` on every container and init container.
+
+    The API server has already defaulted the field (Always for ``:latest`` or untagged images,
+    else IfNotPresent) before webhooks run, so this is an override.
+    """
+
+    KIND = "ImagePullPolicy"
+    KINDS = ("Pod",)
+    OPERATIONS = ("CREATE",)
+    PARAMS = {
+        "policy": Param("Always", one_of("Always", "IfNotPresent", "Never"),
+                        "the imagePullPolicy every container gets"),
+    }
+
+    def __init__(self, policy: str = "Always"):
+        self.policy = policy
+
+    def evaluate(self, ctx: RuleContext, editor: ObjectEditor) -> RuleResult:
+        changed = sum(editor.set((*path, "imagePullPolicy"), self.policy)
+                      for path, _ in list(_containers(editor.current)))
+        if not changed:
+            return NOTHING
+        return RuleResult(effects=(
+            f"set imagePullPolicy={self.policy} on {_plural(changed, 'container')}",))
+
+
+# Resource names: optional DNS prefix and '/', then a name (core/v1 ResourceName).
+_RESOURCE_NAME = r"([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?"
+
+
+class RemoveResourceLimits:
+    """Removes resource limits (default: cpu) from every container and init container.
+
+    ``limits`` itself goes when it becomes empty; requests and other limits stay. Pods annotated
+    ``<keepAnnotation>: "true"`` are left alone. A Guaranteed pod that becomes Burstable gets a
+    warning.
+    """
+
+    KIND = "RemoveResourceLimits"
+    KINDS = ("Pod",)
+    OPERATIONS = ("CREATE",)
+    PARAMS = {
+        "resources": Param(["cpu"], name_list(_RESOURCE_NAME, "resource names such as cpu"),
+                           "the limits to remove"),
+        "keepAnnotation": Param("poolkeeper.io/keep-limits", label_key,
+                                'pods with this annotation set to "true" keep their limits'),
+    }
+
+    def __init__(self, resources: list[str] = ("cpu",),  # type: ignore[assignment]
+                 keepAnnotation: str = "poolkeeper.io/keep-limits"):
+        self.resources = tuple(resources)
+        self.keep_annotation = keepAnnotation
+
+    def evaluate(self, ctx: RuleContext, editor: ObjectEditor) -> RuleResult:
+        obj = editor.current
+        if expect_map(obj, ("metadata", "annotations")).get(self.keep_annotation) == "true":
+            return NOTHING
+        was_guaranteed = qos_class(obj) == "Guaranteed"
+        changed = 0
+        for path, container in list(_containers(obj)):
+            limits_path = (*path, "resources", "limits")
+            limits = expect_map(container, ("resources", "limits"))
+            present = [r for r in self.resources if r in limits]
+            if not present:
+                continue
+            changed += 1
+            if len(present) == len(limits):
+                editor.remove(limits_path)
+            else:
+                for resource in present:
+                    editor.remove((*limits_path, resource))
+        if not changed:
+            return NOTHING
+        effects = (f"remove {'/'.join(self.resources)} limits from "
+                   f"{_plural(changed, 'container')}",)
+        if was_guaranteed and qos_class(editor.current) != "Guaranteed":
+            return RuleResult(effects=effects, warnings=(
+                f"QoS class changes from Guaranteed to Burstable: {'/'.join(self.resources)} "
+                "limits removed",))
+        return RuleResult(effects=effects)
+
+
+_QUANTITY = re.compile(r"^([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))"
+                       r"(Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]|[eE][+-]?[0-9]+)?$")
+_SUFFIXES = {"n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"), "": Decimal(1),
+             "k": Decimal("1e3"), "M": Decimal("1e6"), "G": Decimal("1e9"), "T": Decimal("1e12"),
+             "P": Decimal("1e15"), "E": Decimal("1e18"), "Ki": Decimal(2**10),
+             "Mi": Decimal(2**20), "Gi": Decimal(2**30), "Ti": Decimal(2**40),
+             "Pi": Decimal(2**50), "Ei": Decimal(2**60)}
+
+
+def parse_quantity(value: object) -> Decimal | None:
+    """A resource.Quantity string ('500m', '1Gi', '1e3') as a number; None when it is not one."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return Decimal(str(value))
+    if not isinstance(value, str):
+        return None
+    match = _QUANTITY.match(value.strip())
+    if not match:
+        return None
+    number, suffix = match.group(1), match.group(2) or ""
+    try:
+        if suffix[:1] in ("e", "E"):
+            return Decimal(number + suffix)
+        return Decimal(number) * _SUFFIXES[suffix]
+    except InvalidOperation:  # pragma: no cover - the pattern admits only valid numbers
+        return None
+
+
+def _same_quantity(a: object, b: object) -> bool:
+    qa, qb = parse_quantity(a), parse_quantity(b)
+    return qa == qb if qa is not None and qb is not None else a == b
+
+
+def qos_class(pod: dict) -> str:
+    """Guaranteed, Burstable or BestEffort, as the kubelet computes it from cpu and memory.
+
+    Guaranteed: every container has cpu and memory limits, and requests (defaulted from limits
+    by the API server) equal them. BestEffort: no container requests or limits anything.
+    """
+    containers = [c for _, c in _containers(pod)]
+    anything = False
+    guaranteed = bool(containers)
+    for container in containers:
+        requests = lookup(container, ("resources", "requests"), {})
+        limits = lookup(container, ("resources", "limits"), {})
+        requests = requests if isinstance(requests, dict) else {}
+        limits = limits if isinstance(limits, dict) else {}
+        if any(r in requests or r in limits for r in ("cpu", "memory")):
+            anything = True
+        for resource in ("cpu", "memory"):
+            if resource not in limits or (resource in requests and
+                                          not _same_quantity(requests[resource], limits[resource])):
+                guaranteed = False
+    if guaranteed:
+        return "Guaranteed"
+    return "Burstable" if anything else "BestEffort"

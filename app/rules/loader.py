@@ -1,0 +1,307 @@
+"""Owns rules/*.yaml: loading and validating rule files, and reloading a changed directory.
+
+A rule file::
+
+    name: image-pull-policy          # equal to the file name, kebab-case
+    description: ...
+    kind: ImagePullPolicy            # one of RULE_KINDS
+    webhook: defaults                # placement | defaults | namespaces: served on /mutate/<webhook>
+    enforcement: enforce             # enforce | warn | off
+    match:
+      kinds: [Pod]                   # default: every kind the rule kind handles
+      operations: [CREATE]           # default: every operation the rule kind handles
+      namespaceSelector: {...}       # metav1.LabelSelector on the namespace's labels
+      objectSelector: {matchLabels: {platform: "true"}}
+      excludedNamespaces: [...]      # default: DEFAULT_EXCLUDED_NAMESPACES
+    params: {policy: Always}         # the kind's settings
+
+Every problem in every file is reported in one :class:`RulesError`, naming the file, the field
+and what is allowed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import yaml
+
+from ..config import DEFAULT_EXCLUDED_NAMESPACES, ConfigError
+from .base import KNOWN_KINDS, LabelSelector, Match, Requirement, Rule, RuleKind
+from .defaults import ImagePullPolicy, NamespaceLabels, RemoveResourceLimits
+from .params import label_key, label_value
+from .pool import PoolPlacement
+
+log = logging.getLogger("poolkeeper.rules")
+
+RULE_KINDS: dict[str, type] = {k.KIND: k for k in (PoolPlacement, NamespaceLabels,
+                                                    ImagePullPolicy, RemoveResourceLimits)}
+ENFORCEMENTS = ("enforce", "warn", "off")
+WEBHOOKS = ("placement", "defaults", "namespaces")
+_FIELDS = ("name", "description", "kind", "webhook", "enforcement", "match", "params")
+_MATCH_FIELDS = ("kinds", "operations", "namespaceSelector", "objectSelector",
+                 "excludedNamespaces")
+_RULE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_SELECTOR_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
+
+# The rules shipped with poolkeeper, beside the package (a source checkout or the image).
+SHIPPED_RULES = Path(__file__).resolve().parents[2] / "rules"
+
+
+class RulesError(ConfigError):
+    """A rule file is invalid; the message lists every problem with file and field."""
+
+
+class _Problems:
+    def __init__(self, source: str):
+        self.source = source
+        self.items: list[str] = []
+
+    def add(self, field: str, message: str) -> None:
+        self.items.append(f"{self.source}: {field}: {message}")
+
+
+def load_rules(directory: str | os.PathLike[str]) -> tuple[Rule, ...]:
+    """Every rules/*.yaml in ``directory``, validated; RulesError naming each problem."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise RulesError(f"rules directory {directory} does not exist")
+    files = _rule_files(directory)
+    if not files:
+        raise RulesError(f"{directory} holds no rule files (*.yaml)")
+    rules, problems = [], []
+    for path in files:
+        rule, found = parse_rule_file(path)
+        problems.extend(found)
+        if rule is not None:
+            rules.append(rule)
+    if problems:
+        raise RulesError("invalid rules:\n  " + "\n  ".join(problems))
+    return tuple(rules)
+
+
+def _rule_files(directory: Path) -> list[Path]:
+    # ConfigMap volumes hold '..data' and '..<timestamp>' entries beside the files: skip dotfiles.
+    return sorted(p for p in directory.iterdir()
+                  if p.suffix == ".yaml" and not p.name.startswith(".") and p.is_file())
+
+
+def parse_rule_file(path: Path) -> tuple[Rule | None, list[str]]:
+    problems = _Problems(str(path))
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        problems.add("file", f"cannot be read as YAML: {exc}")
+        return None, problems.items
+    if not isinstance(doc, dict):
+        problems.add("file", "must hold one YAML mapping (a rule)")
+        return None, problems.items
+    rule = _parse_rule(doc, path.stem, problems)
+    return (rule if not problems.items else None), problems.items
+
+
+def _parse_rule(doc: Mapping[str, Any], stem: str, problems: _Problems) -> Rule | None:
+    for field in doc:
+        if field not in _FIELDS:
+            problems.add(str(field), f"unknown field; allowed: {', '.join(_FIELDS)}")
+    name = doc.get("name")
+    if not isinstance(name, str) or not _RULE_NAME.match(name):
+        problems.add("name", f"{name!r} must be a kebab-case name (lowercase letters, digits, '-')")
+    elif name != stem:
+        problems.add("name", f"{name!r} must equal the file name {stem!r}")
+    description = doc.get("description", "")
+    if not isinstance(description, str):
+        problems.add("description", "must be a string")
+    enforcement = doc.get("enforcement", "enforce")
+    if enforcement not in ENFORCEMENTS:
+        problems.add("enforcement", f"{enforcement!r} is not one of {', '.join(ENFORCEMENTS)}")
+    webhook = doc.get("webhook", "defaults")
+    if webhook not in WEBHOOKS:
+        problems.add("webhook", f"{webhook!r} is not one of {', '.join(WEBHOOKS)}")
+    kind_name = doc.get("kind")
+    kind = RULE_KINDS.get(kind_name) if isinstance(kind_name, str) else None
+    if kind is None:
+        problems.add("kind", f"{kind_name!r} is not one of {', '.join(RULE_KINDS)}")
+        return None
+    impl = _build_kind(kind, doc.get("params"), problems)
+    match = _parse_match(doc.get("match"), kind, problems)
+    if impl is None or match is None or problems.items:
+        return None
+    return Rule(name=name, description=description, kind=kind_name, match=match, impl=impl,
+                enforcement=enforcement, webhook=webhook, source=problems.source)
+
+
+def _build_kind(kind: type, params: Any, problems: _Problems) -> RuleKind | None:
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        problems.add("params", "must be a mapping")
+        return None
+    values = {}
+    for key, value in params.items():
+        spec = kind.PARAMS.get(key)
+        if spec is None:
+            problems.add(f"params.{key}", f"unknown param of {kind.KIND}; allowed: "
+                                          f"{', '.join(kind.PARAMS)}")
+            continue
+        problem = spec.check(value)
+        if problem:
+            problems.add(f"params.{key}", problem)
+            continue
+        values[key] = value
+    return kind(**values)
+
+
+def _string_list(value: Any, field: str, allowed: tuple[str, ...] | None,
+                 problems: _Problems) -> frozenset[str] | None:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        problems.add(field, "must be a list of strings")
+        return None
+    if allowed is not None:
+        for item in value:
+            if item not in allowed:
+                problems.add(field, f"{item!r} is not one of {', '.join(allowed)}")
+                return None
+    return frozenset(value)
+
+
+def _parse_match(doc: Any, kind: type, problems: _Problems) -> Match | None:
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        problems.add("match", "must be a mapping")
+        return None
+    for field in doc:
+        if field not in _MATCH_FIELDS:
+            problems.add(f"match.{field}", f"unknown field; allowed: {', '.join(_MATCH_FIELDS)}")
+    kinds = _string_list(doc.get("kinds", list(kind.KINDS)), "match.kinds", kind.KINDS, problems)
+    operations = _string_list(doc.get("operations", list(kind.OPERATIONS)), "match.operations",
+                              kind.OPERATIONS, problems)
+    excluded = _string_list(doc.get("excludedNamespaces", list(DEFAULT_EXCLUDED_NAMESPACES)),
+                            "match.excludedNamespaces", None, problems)
+    namespace_selector = _parse_selector(doc.get("namespaceSelector"), "match.namespaceSelector",
+                                         problems)
+    object_selector = _parse_selector(doc.get("objectSelector"), "match.objectSelector",
+                                      problems)
+    if kinds is None or operations is None or excluded is None:
+        return None
+    return Match(kinds=frozenset((KNOWN_KINDS[k][0], k) for k in kinds), operations=operations,
+                 namespace_selector=namespace_selector, object_selector=object_selector,
+                 excluded_namespaces=excluded)
+
+
+def _parse_selector(doc: Any, field: str, problems: _Problems) -> LabelSelector | None:
+    if doc is None:
+        return None
+    if not isinstance(doc, dict):
+        problems.add(field, "must be a label selector (matchLabels, matchExpressions)")
+        return None
+    requirements: list[Requirement] = []
+    for key in doc:
+        if key not in ("matchLabels", "matchExpressions"):
+            problems.add(f"{field}.{key}", "unknown field; allowed: matchLabels, matchExpressions")
+    labels = doc.get("matchLabels") or {}
+    if not isinstance(labels, dict):
+        problems.add(f"{field}.matchLabels", "must be a map of label keys to values")
+        labels = {}
+    for key, value in labels.items():
+        problem = label_key(key) or label_value(value)
+        if problem:
+            problems.add(f"{field}.matchLabels", problem)
+        else:
+            requirements.append(Requirement(key, "In", frozenset({value})))
+    expressions = doc.get("matchExpressions") or []
+    if not isinstance(expressions, list):
+        problems.add(f"{field}.matchExpressions", "must be a list")
+        expressions = []
+    for index, expression in enumerate(expressions):
+        where = f"{field}.matchExpressions[{index}]"
+        if not isinstance(expression, dict):
+            problems.add(where, "must be a mapping with key, operator and values")
+            continue
+        key, operator = expression.get("key"), expression.get("operator")
+        values = expression.get("values") or []
+        problem = label_key(key)
+        if problem:
+            problems.add(f"{where}.key", problem)
+        if operator not in _SELECTOR_OPERATORS:
+            problems.add(f"{where}.operator",
+                         f"{operator!r} is not one of {', '.join(_SELECTOR_OPERATORS)}")
+            continue
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            problems.add(f"{where}.values", "must be a list of strings")
+            continue
+        if operator in ("In", "NotIn") and not values:
+            problems.add(f"{where}.values", f"{operator} needs at least one value")
+        elif operator in ("Exists", "DoesNotExist") and values:
+            problems.add(f"{where}.values", f"{operator} takes no values")
+        if not problem:
+            requirements.append(Requirement(key, operator, frozenset(values)))
+    return LabelSelector(tuple(requirements))
+
+
+class RuleStore:
+    """The rule set in force, reloaded when the directory changes (a ConfigMap update).
+
+    A changed directory is checked at most once per ``check_interval`` seconds, by one thread at
+    a time; other threads keep the set in force meanwhile. A new set that does not validate is
+    refused, the running set kept, and the error logged once per change.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], *, check_interval: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.directory = Path(directory)
+        self._check_interval = check_interval
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._signature = self._read_signature()
+        self._rules = load_rules(self.directory)
+        self._by_webhook = _group(self._rules)
+        self._next_check = clock() + check_interval
+        self.reloads = {"success": 0, "failure": 0}
+
+    def rules(self, webhook: str | None = None) -> tuple[Rule, ...]:
+        """The rules in force; only those served on /mutate/<webhook> when one is named."""
+        if self._clock() >= self._next_check and self._lock.acquire(blocking=False):
+            try:
+                self._maybe_reload()
+            finally:
+                self._lock.release()
+        return self._rules if webhook is None else self._by_webhook.get(webhook, ())
+
+    def _read_signature(self) -> tuple:
+        try:
+            entries = []
+            for path in _rule_files(self.directory):
+                st = path.stat()  # follows the ConfigMap's ..data symlinks
+                entries.append((path.name, st.st_mtime_ns, st.st_size, st.st_ino))
+            return tuple(entries)
+        except OSError as exc:
+            return (("error", str(exc)),)
+
+    def _maybe_reload(self) -> None:
+        self._next_check = self._clock() + self._check_interval
+        signature = self._read_signature()
+        if signature == self._signature:
+            return
+        self._signature = signature
+        try:
+            rules = load_rules(self.directory)
+        except RulesError as exc:
+            self.reloads["failure"] += 1
+            log.error("refused the changed rules in %s, keeping the %d rules in force: %s",
+                      self.directory, len(self._rules), exc)
+            return
+        self._rules, self._by_webhook = rules, _group(rules)
+        self.reloads["success"] += 1
+        log.info("loaded %d rules from %s: %s", len(rules), self.directory,
+                 ", ".join(f"{r.name} ({r.enforcement})" for r in rules))
+
+
+def _group(rules: tuple[Rule, ...]) -> dict[str, tuple[Rule, ...]]:
+    return {w: tuple(r for r in rules if r.webhook == w) for w in WEBHOOKS}

@@ -1,0 +1,238 @@
+"""Loading rules/*.yaml: every invalid field named with its file, and hot reload of the directory."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+
+import pytest
+
+from app.rules import RuleStore, RulesError, SHIPPED_RULES, load_rules
+
+from .support import ROOT
+
+VALID = """\
+name: {name}
+description: test rule
+kind: ImagePullPolicy
+webhook: defaults
+enforcement: enforce
+match:
+  kinds: [Pod]
+  operations: [CREATE]
+  objectSelector:
+    matchLabels: {{platform: "true"}}
+    matchExpressions:
+    - {{key: tier, operator: In, values: [web]}}
+  namespaceSelector:
+    matchExpressions:
+    - {{key: team, operator: Exists}}
+  excludedNamespaces: [kube-system]
+params:
+  policy: Always
+"""
+
+
+def write(directory, name, text):
+    path = directory / f"{name}.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_rules_loader_loads_the_shipped_rules():
+    rules = load_rules(SHIPPED_RULES)
+    assert [r.name for r in rules] == ["agentpool-node-selector", "image-pull-policy",
+                                       "namespace-labels", "remove-cpu-limits"]
+    assert {r.webhook for r in rules} == {"placement", "defaults", "namespaces"}
+    for rule in rules:
+        assert rule.description and rule.enforcement == "enforce"
+        assert {"kube-system", "kube-public", "kube-node-lease",
+                "poolkeeper-system"} <= rule.match.excluded_namespaces
+
+
+def test_rules_loader_parses_selectors_and_defaults(tmp_path):
+    write(tmp_path, "pull", VALID.format(name="pull"))
+    write(tmp_path, "minimal", "name: minimal\nkind: RemoveResourceLimits\n")
+    minimal, pull = load_rules(tmp_path)
+    assert minimal.match.operations == {"CREATE"} and minimal.enforcement == "enforce"
+    assert minimal.match.excluded_namespaces == {"kube-system", "kube-public", "kube-node-lease",
+                                                 "poolkeeper-system"}
+    assert minimal.impl.resources == ("cpu",)
+    assert pull.match.object_selector.matches({"platform": "true", "tier": "web"})
+    assert not pull.match.object_selector.matches({"platform": "true", "tier": "db"})
+    assert pull.match.namespace_selector.matches({"team": "x"})
+    assert not pull.match.namespace_selector.matches({})
+
+
+@pytest.mark.parametrize("replace, expected", [
+    (("kind: ImagePullPolicy", "kind: Teleport"), "kind: 'Teleport' is not one of PoolPlacement"),
+    (("description: test rule", "colour: blue"), "colour: unknown field; allowed: name"),
+    (("enforcement: enforce", "enforcement: maybe"), "enforcement: 'maybe' is not one of enforce"),
+    (("webhook: defaults", "webhook: other"), "webhook: 'other' is not one of placement"),
+    (("description: test rule", "description: [1]"), "description: must be a string"),
+    (("policy: Always", "policy: Sometimes"), "params.policy: 'Sometimes' is not one of Always"),
+    (("policy: Always", "colour: Always"), "params.colour: unknown param of ImagePullPolicy"),
+    (("kinds: [Pod]", "kinds: [Deployment]"), "match.kinds: 'Deployment' is not one of Pod"),
+    (("kinds: [Pod]", "kinds: Pod"), "match.kinds: must be a list of strings"),
+    (("operations: [CREATE]", "operations: [DELETE]"), "match.operations: 'DELETE' is not one"),
+    (("  excludedNamespaces: [kube-system]", "  labels: {}"), "match.labels: unknown field"),
+    (("matchLabels: {platform: \"true\"}", "matchLabels: {platform: [x]}"),
+     "match.objectSelector.matchLabels: ['x'] is not a label value"),
+    (("matchLabels: {platform: \"true\"}", "matchLabels: [x]"),
+     "match.objectSelector.matchLabels: must be a map"),
+    (("    matchLabels:", "    matchFields:"), "match.objectSelector.matchFields: unknown field"),
+    (("operator: In, values: [web]", "operator: Near, values: [web]"),
+     "matchExpressions[0].operator: 'Near' is not one of In"),
+    (("operator: In, values: [web]", "operator: In, values: []"), "In needs at least one value"),
+    (("operator: In, values: [web]", "operator: In, values: [1]"), "must be a list of strings"),
+    (("{key: team, operator: Exists}", "{key: team, operator: Exists, values: [a]}"),
+     "Exists takes no values"),
+    (("{key: team, operator: Exists}", "{key: 'bad key', operator: Exists}"),
+     "matchExpressions[0].key: 'bad key' is not a label key"),
+    (("    - {key: team, operator: Exists}", "    - team"), "must be a mapping with key"),
+    (("  namespaceSelector:\n    matchExpressions:\n    - {key: team, operator: Exists}",
+      "  namespaceSelector: team"), "match.namespaceSelector: must be a label selector"),
+    (("  namespaceSelector:\n    matchExpressions:\n    - {key: team, operator: Exists}",
+      "  namespaceSelector: {matchExpressions: x}"), "matchExpressions: must be a list"),
+    (("params:\n  policy: Always", "params: [1]"), "params: must be a mapping"),
+    (("match:\n", "match: 3\nignored:\n"), "match: must be a mapping"),
+])
+def test_rules_loader_names_file_field_and_allowed_values(tmp_path, replace, expected):
+    text = VALID.format(name="broken")
+    assert replace[0] in text
+    path = write(tmp_path, "broken", text.replace(*replace))
+    with pytest.raises(RulesError) as info:
+        load_rules(tmp_path)
+    assert str(path) in str(info.value) and expected in str(info.value)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("name: other\nkind: ImagePullPolicy\n", "name: 'other' must equal the file name 'rule'"),
+    ("name: Rule_1\nkind: ImagePullPolicy\n", "must be a kebab-case name"),
+    ("- a\n", "must hold one YAML mapping"),
+    ("a: [\n", "cannot be read as YAML"),
+    ("name: rule\nkind: PoolPlacement\nparams: {nodeLabelKey: 'a b', defaultPool: ''}\n",
+     "params.nodeLabelKey: 'a b' is not a label key"),
+    ("name: rule\nkind: PoolPlacement\nparams: {defaultPool: ''}\n", "use null"),
+    ("name: rule\nkind: PoolPlacement\nparams: {defaultPool: 'x y'}\n", "is not a label value"),
+    ("name: rule\nkind: NamespaceLabels\nparams: {labels: {}}\n", "non-empty map"),
+    ("name: rule\nkind: NamespaceLabels\nparams: {labels: {'a b': c}}\n", "is not a label key"),
+    ("name: rule\nkind: NamespaceLabels\nparams: {namePattern: '('}\n", "not a valid regular"),
+    ("name: rule\nkind: NamespaceLabels\nparams: {namePattern: 5}\n", "must be a regular"),
+    ("name: rule\nkind: RemoveResourceLimits\nparams: {resources: []}\n", "non-empty list"),
+    ("name: rule\nkind: RemoveResourceLimits\nparams: {resources: ['a b']}\n", "non-empty list"),
+])
+def test_rules_loader_rejects_bad_files(tmp_path, text, expected):
+    write(tmp_path, "rule", text)
+    with pytest.raises(RulesError, match="rule.yaml") as info:
+        load_rules(tmp_path)
+    assert expected in str(info.value)
+
+
+def test_rules_loader_reports_every_problem_at_once(tmp_path):
+    write(tmp_path, "one", "name: one\nkind: Nope\n")
+    write(tmp_path, "two", "name: two\nkind: ImagePullPolicy\nenforcement: loud\n")
+    with pytest.raises(RulesError) as info:
+        load_rules(tmp_path)
+    message = str(info.value)
+    assert "one.yaml: kind" in message and "two.yaml: enforcement" in message
+
+
+def test_rules_loader_needs_a_directory_with_rules(tmp_path):
+    with pytest.raises(RulesError, match="does not exist"):
+        load_rules(tmp_path / "missing")
+    (tmp_path / ".hidden.yaml").write_text("name: x\n")
+    (tmp_path / "notes.txt").write_text("")
+    with pytest.raises(RulesError, match="holds no rule files"):
+        load_rules(tmp_path)
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_rules_store_reloads_a_changed_directory(tmp_path):
+    shutil.copytree(SHIPPED_RULES, tmp_path / "rules")
+    clock = Clock()
+    store = RuleStore(tmp_path / "rules", clock=clock)
+    assert store.rules("placement")[0].enforcement == "enforce"
+    path = tmp_path / "rules/agentpool-node-selector.yaml"
+    path.write_text(path.read_text().replace("enforcement: enforce", "enforcement: warn"))
+    assert store.rules("placement")[0].enforcement == "enforce", "checked at most once a second"
+    clock.now += 1.5
+    assert store.rules("placement")[0].enforcement == "warn"
+    assert store.reloads == {"success": 1, "failure": 0}
+    assert [r.name for r in store.rules("defaults")] == ["image-pull-policy", "remove-cpu-limits"]
+    assert len(store.rules()) == 4
+
+
+def test_rules_store_keeps_the_running_set_when_a_change_is_invalid(tmp_path, caplog):
+    shutil.copytree(SHIPPED_RULES, tmp_path / "rules")
+    clock = Clock()
+    store = RuleStore(tmp_path / "rules", clock=clock)
+    path = tmp_path / "rules/image-pull-policy.yaml"
+    path.write_text(path.read_text().replace("policy: Always", "policy: Sometimes"))
+    clock.now += 1.5
+    with caplog.at_level(logging.ERROR, "poolkeeper.rules"):
+        rules = store.rules()
+        clock.now += 1.5
+        store.rules()  # unchanged since: not reported again
+    assert len(rules) == 4 and rules[1].impl.policy == "Always"
+    assert store.reloads == {"success": 0, "failure": 1}
+    assert len(caplog.records) == 1 and "params.policy" in caplog.records[0].getMessage()
+    path.write_text(path.read_text().replace("policy: Sometimes", "policy: Never"))
+    clock.now += 1.5
+    assert store.rules()[1].impl.policy == "Never"
+
+
+def test_rules_store_follows_a_configmap_symlink_swap(tmp_path):
+    """A ConfigMap volume: rule.yaml -> ..data/rule.yaml, ..data -> ..<timestamp> swapped."""
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    first = volume / "..2026_01_01"
+    shutil.copytree(SHIPPED_RULES, first)
+    os.symlink(first.name, volume / "..data")
+    for name in os.listdir(first):
+        os.symlink(f"..data/{name}", volume / name)
+    clock = Clock()
+    store = RuleStore(volume, clock=clock)
+    second = volume / "..2026_01_02"
+    shutil.copytree(SHIPPED_RULES, second)
+    rule = second / "remove-cpu-limits.yaml"
+    rule.write_text(rule.read_text().replace("resources: [cpu]", "resources: [cpu, memory]"))
+    os.symlink(second.name, volume / "..data_tmp")
+    os.replace(volume / "..data_tmp", volume / "..data")
+    clock.now += 1.5
+    assert store.rules()[3].impl.resources == ("cpu", "memory")
+
+
+def test_rules_store_survives_a_vanished_directory(tmp_path, caplog):
+    shutil.copytree(SHIPPED_RULES, tmp_path / "rules")
+    clock = Clock()
+    store = RuleStore(tmp_path / "rules", clock=clock)
+    shutil.rmtree(tmp_path / "rules")
+    clock.now += 1.5
+    with caplog.at_level(logging.ERROR, "poolkeeper.rules"):
+        assert len(store.rules()) == 4
+    assert store.reloads["failure"] == 1
+
+
+def test_rules_shipped_directory_is_the_repository_rules():
+    assert SHIPPED_RULES == ROOT / "rules"
+
+
+@pytest.mark.parametrize("operator, values, labels, expected", [
+    ("In", {"a"}, {"k": "a"}, True), ("In", {"a"}, {}, False),
+    ("NotIn", {"a"}, {"k": "b"}, True), ("NotIn", {"a"}, {}, True), ("NotIn", {"a"}, {"k": "a"}, False),
+    ("Exists", set(), {"k": ""}, True), ("Exists", set(), {}, False),
+    ("DoesNotExist", set(), {}, True), ("DoesNotExist", set(), {"k": "a"}, False),
+])
+def test_rules_label_selector_operators(operator, values, labels, expected):
+    from app.rules import Requirement
+
+    assert Requirement("k", operator, frozenset(values)).matches(labels) is expected
