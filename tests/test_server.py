@@ -19,7 +19,7 @@ from app.certs import create_certificates
 from app.config import MAX_BODY_BYTES
 
 from .server import start_server
-from .support import TESTDATA, pod, review_doc
+from .support import ROOT, TESTDATA, pod, review_doc
 
 
 @pytest.fixture(scope="module")
@@ -314,3 +314,47 @@ def test_server_sees_a_changed_namespace_file(tmp_path, cert_dir):
                 time.sleep(0.2)
     finally:
         srv.stop()
+
+
+def test_server_picks_up_changed_rules_and_refuses_invalid_ones(tmp_path, cert_dir):
+    rules = tmp_path / "rules"
+    shutil.copytree(ROOT / "rules", rules)
+    srv = start_server(cert_dir, tmp_path / "server.log", "--namespaces",
+                       str(TESTDATA / "namespaces.yaml"), "--rules", str(rules), workers=1)
+    doc = review_doc(pod({"agentpool": "pool2"}, namespace="team-payments"))
+    pool_rule = rules / "agentpool-node-selector.yaml"
+    try:
+        with srv.session() as s:
+            assert post(s, srv, doc).json()["response"]["allowed"] is False
+            pool_rule.write_text(pool_rule.read_text().replace("enforcement: enforce",
+                                                               "enforcement: warn"))
+            deadline = time.monotonic() + 20
+            while not (answer := post(s, srv, doc).json()["response"])["allowed"]:
+                assert time.monotonic() < deadline, "the changed rule was never picked up"
+                time.sleep(0.2)
+            assert answer["warnings"][0].startswith("[agentpool-node-selector] would deny")
+            pool_rule.write_text(pool_rule.read_text().replace("enforcement: warn",
+                                                               "enforcement: sometimes"))
+            deadline = time.monotonic() + 20
+            while "refused the changed rules" not in srv.log():
+                assert time.monotonic() < deadline, "the invalid rule was not reported"
+                post(s, srv, doc)
+                time.sleep(0.2)
+            assert post(s, srv, doc).json()["response"]["allowed"] is True, "kept the warn set"
+    finally:
+        srv.stop()
+
+
+def test_server_refuses_to_start_with_invalid_rules(tmp_path, cert_dir):
+    import subprocess
+    import sys
+
+    rules = tmp_path / "rules"
+    shutil.copytree(ROOT / "rules", rules)
+    (rules / "remove-cpu-limits.yaml").write_text("name: remove-cpu-limits\nkind: Nope\n")
+    result = subprocess.run([sys.executable, "-m", "app", "serve", "--cert-dir", str(cert_dir),
+                             "--rules", str(rules), "--namespaces",
+                             str(TESTDATA / "namespaces.yaml")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "remove-cpu-limits.yaml: kind: 'Nope' is not one of PoolPlacement" in result.stderr
