@@ -59,6 +59,7 @@ def admit(request: AdmissionRequest, namespace_labels: NamespaceLookup,
     denials: list[str] = []
     warnings: list[str] = []
     actions: list[Action] = []
+    audit: dict[str, str] = {}
     for rule in rules:
         if rule.enforcement == "off" or not rule.match.matches(ctx):
             continue
@@ -71,6 +72,7 @@ def admit(request: AdmissionRequest, namespace_labels: NamespaceLookup,
                 actions.append(Action(rule.name, "warned", text))
             continue
         result = rule.impl.evaluate(ctx, editor)
+        audit.update(result.audit)
         for effect in result.effects:
             actions.append(Action(rule.name, "mutated", effect))
         for text in result.denials:
@@ -82,5 +84,8 @@ def admit(request: AdmissionRequest, namespace_labels: NamespaceLookup,
     if denials:
         return Decision(denied(DENIAL_CODE, "; ".join(denials), warnings), tuple(actions))
     if editor.ops:
-        return Decision(patched(editor.ops, warnings), tuple(actions))
+        # auditAnnotations keys get the webhook's name as prefix from the API server, which
+        # drops keys that would then hold two slashes: keep them plain.
+        audit["rules"] = ",".join(dict.fromkeys(a.rule for a in actions if a.effect == "mutated"))
+        return Decision(patched(editor.ops, warnings, audit), tuple(actions))
     return Decision(allowed(warnings), tuple(actions))

@@ -4,12 +4,27 @@ Settings come from the ``POOLKEEPER_*`` environment (``poolkeeper serve`` sets i
 options), so the container and the CLI run the same configuration.
 """
 
+import glob
 import os
+import shutil
+import tempfile
 
-from app.config import load_settings
-from app.logs import configure_logging
-from app.tls import cert_paths, gunicorn_ssl_context_hook
-from app.webhook import remember_server_request
+# Metrics from every worker are summed through files in one directory (prometheus_client's
+# multiprocess mode). The variable must be set before prometheus_client is first imported, and
+# the directory must start empty: leftovers of an earlier run would be counted again.
+_own_metrics_dir = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+if _own_metrics_dir:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="poolkeeper-metrics-")
+else:
+    os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+    for _stale in glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "*.db")):
+        os.remove(_stale)
+
+from app import metrics  # noqa: E402  (after the variable above)
+from app.config import load_settings  # noqa: E402
+from app.logs import JSONFormatter, configure_logging  # noqa: E402
+from app.tls import cert_paths, gunicorn_ssl_context_hook  # noqa: E402
+from app.webhook import remember_server_request  # noqa: E402
 
 _settings = load_settings()
 configure_logging(_settings.log_level)
@@ -51,8 +66,29 @@ limit_request_fields = 100
 accesslog = None  # one JSON line per admission comes from the app instead
 errorlog = "-"
 loglevel = _settings.log_level
+# gunicorn's own lines in the same JSON shape as poolkeeper's.
+logconfig_dict = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"json": {"()": JSONFormatter}},
+    "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json",
+                            "stream": "ext://sys.stderr"}},
+    "root": {"handlers": ["stderr"], "level": "WARNING"},
+    "loggers": {"gunicorn.error": {"handlers": ["stderr"], "level": loglevel.upper(),
+                                   "propagate": False}},
+}
 
 
 def pre_request(worker, req):
     # Lets the app close the connection after a 413 (gunicorn drops a Connection header).
     remember_server_request(req)
+
+
+def child_exit(server, worker):
+    # A dead worker's live gauges (cache size, watch age) must not count any more.
+    metrics.worker_exited(worker.pid)
+
+
+def on_exit(server):
+    if _own_metrics_dir:
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

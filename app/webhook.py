@@ -12,6 +12,7 @@ content type is not JSON                                    415     status 415, 
 body over 7 MiB (the connection is closed after it)         413     status 413
 body not JSON, not an AdmissionReview v1, no request.uid,   400     status 400, what is wrong
 no request.object on CREATE/UPDATE, a malformed field
+no such path under /mutate/                                 404     status 404, the paths
 namespace labels cannot be known (API server unreachable    500     status 500: the webhook's
 past the staleness limit), or a bug                                 failurePolicy decides
 ==========================================================  ======  ============================
@@ -27,11 +28,13 @@ import time
 import orjson
 from flask import Flask, Response, request
 
-from . import admission
+from . import admission, metrics
 from .config import MAX_BODY_BYTES, Settings, load_settings
-from .namespaces import NamespaceLookupError, NamespaceSource, namespace_source
+from .events import EventRecorder, api_poster
+from .namespaces import KubeNamespaces, NamespaceLookupError, NamespaceSource, namespace_source
 from .patching import ObjectShapeError
-from .review import ReviewError, encode_review, errored, parse_review
+from .review import AdmissionRequest, ReviewError, encode_review, errored, parse_review
+from .tls import cert_paths
 from .rules import SHIPPED_RULES, WEBHOOKS, RuleStore
 
 log = logging.getLogger("poolkeeper.webhook")
@@ -54,17 +57,68 @@ def _close_connection_after_response() -> None:
         server_request.force_close()
 
 
+class _Rejected(Exception):
+    """A request poolkeeper answers with an error status instead of a decision."""
+
+    def __init__(self, code: int, message: str, request: AdmissionRequest | None = None,
+                 uid: str = ""):
+        super().__init__(message)
+        self.code, self.message, self.request = code, message, request
+        self.uid = request.uid if request else uid
+
+
 def create_app(settings: Settings | None = None, *, source: NamespaceSource | None = None,
-               rules: RuleStore | None = None) -> Flask:
-    """Build the app; with no arguments, settings come from the ``POOLKEEPER_*`` environment."""
+               rules: RuleStore | None = None, events: EventRecorder | None = None) -> Flask:
+    """Build the app; with no arguments, settings come from the ``POOLKEEPER_*`` environment.
+
+    Events are sent when namespaces come from the API server (not from a file), unless an
+    explicit recorder is given.
+    """
     settings = settings or load_settings()
     rules = rules or RuleStore(settings.rules_dir or SHIPPED_RULES)
     source = source or namespace_source(settings)
+    if events is None and isinstance(source, KubeNamespaces):
+        events = EventRecorder(api_poster(source.api_client))
     source.start()
+    if events is not None:
+        events.start()
+    cert_file = cert_paths(settings.cert_dir)[0]
 
     app = Flask("poolkeeper")
     app.config["MAX_CONTENT_LENGTH"] = None  # checked below, so the answer is an AdmissionReview
-    app.extensions["poolkeeper"] = {"settings": settings, "source": source, "rules": rules}
+    app.extensions["poolkeeper"] = {"settings": settings, "source": source, "rules": rules,
+                                    "events": events}
+
+    def decide(webhook: str | None) -> tuple[AdmissionRequest, admission.Decision]:
+        if webhook is not None and webhook not in WEBHOOKS:
+            raise _Rejected(404, f"no webhook path /mutate/{webhook}: use /mutate or one of "
+                                 + ", ".join(f"/mutate/{w}" for w in WEBHOOKS))
+        if request.mimetype != JSON:
+            raise _Rejected(415, f"content type {request.mimetype or 'none'!r} is not "
+                                 f"supported: send the AdmissionReview as {JSON}")
+        length = request.content_length
+        if length is not None and length > MAX_BODY_BYTES:
+            raise _too_large(length)
+        body = request.stream.read(MAX_BODY_BYTES + 1)
+        if len(body) > MAX_BODY_BYTES:
+            raise _too_large(None)
+        try:
+            review_request = parse_review(orjson.loads(body))
+        except orjson.JSONDecodeError as exc:
+            raise _Rejected(400, f"the body is not valid JSON: {exc}") from None
+        except ReviewError as exc:
+            raise _Rejected(400, str(exc), uid=exc.uid) from None
+        try:
+            return review_request, admission.admit(review_request, source.labels,
+                                                   rules.rules(webhook))
+        except ObjectShapeError as exc:
+            raise _Rejected(400, f"request.object is malformed: {exc}", review_request) from None
+        except NamespaceLookupError as exc:
+            raise _Rejected(500, f"cannot judge the request: {exc}", review_request) from None
+        except Exception:  # a bug: answer 500 so failurePolicy decides, keep the worker alive
+            log.exception("internal error on request %s", review_request.uid)
+            raise _Rejected(500, "internal error in poolkeeper; see its logs",
+                            review_request) from None
 
     # /mutate runs every rule; /mutate/<webhook> only the rules served there, so each webhook
     # configuration (placement fails closed, defaults fail open) runs its own rules.
@@ -72,46 +126,28 @@ def create_app(settings: Settings | None = None, *, source: NamespaceSource | No
     @app.post("/mutate/<webhook>")
     def mutate(webhook: str | None) -> Response:
         started = time.perf_counter()
-        if webhook is not None and webhook not in WEBHOOKS:
-            return _error(404, f"no webhook path /mutate/{webhook}: use /mutate or one of "
-                               + ", ".join(f"/mutate/{w}" for w in WEBHOOKS))
-        if request.mimetype != JSON:
-            return _error(415, f"content type {request.mimetype or 'none'!r} is not supported: "
-                               f"send the AdmissionReview as {JSON}")
-        length = request.content_length
-        if length is not None and length > MAX_BODY_BYTES:
-            return _too_large(length)
-        body = request.stream.read(MAX_BODY_BYTES + 1)
-        if len(body) > MAX_BODY_BYTES:
-            return _too_large(None)
         try:
-            review_request = parse_review(orjson.loads(body))
-        except orjson.JSONDecodeError as exc:
-            return _error(400, f"the body is not valid JSON: {exc}")
-        except ReviewError as exc:
-            return _error(400, str(exc), exc.uid)
-        try:
-            decision = admission.admit(review_request, source.labels, rules.rules(webhook))
-        except ObjectShapeError as exc:
-            return _error(400, f"request.object is malformed: {exc}", review_request.uid)
-        except NamespaceLookupError as exc:
-            log.error("namespace lookup failed for %s: %s", review_request.namespace, exc)
-            return _error(500, f"cannot judge the request: {exc}", review_request.uid)
-        except Exception:  # a bug: answer 500 so failurePolicy decides, keep the worker alive
-            log.exception("internal error on request %s", review_request.uid)
-            return _error(500, "internal error in poolkeeper; see its logs", review_request.uid)
+            review_request, decision = decide(webhook)
+        except _Rejected as rejected:
+            seconds = time.perf_counter() - started
+            _observe(rejected.request, "error", seconds, status=rejected.code,
+                     error=rejected.message)
+            return _error(rejected.code, rejected.message, rejected.uid)
         response = decision.response
-        if admission_log.isEnabledFor(logging.INFO):
-            admission_log.info("%s", orjson.dumps({
-                "uid": review_request.uid, "kind": review_request.kind.kind,
-                "namespace": review_request.namespace, "name": review_request.display_name,
-                "operation": review_request.operation, "user": review_request.user,
-                "dryRun": review_request.dry_run,
-                "decision": ("denied" if not response.allowed else
-                             "patched" if response.patch else "allowed"),
-                "rules": list(decision.rules), "patchOps": len(response.patch),
-                "ms": round((time.perf_counter() - started) * 1000, 3)}).decode())
+        outcome = ("denied" if not response.allowed else
+                   "patched" if response.patch else "allowed")
+        for action in decision.actions:
+            metrics.RULE_ACTIONS.labels(action.rule, review_request.namespace or "",
+                                        action.effect).inc()
+        if events is not None and decision.actions:
+            events.record(review_request, decision)
+        _observe(review_request, outcome, time.perf_counter() - started,
+                 rules=list(decision.rules), patchOps=len(response.patch))
         return Response(encode_review(review_request.uid, response), 200, mimetype=JSON)
+
+    @app.get("/metrics")
+    def scrape() -> Response:
+        return Response(metrics.exposition(cert_file), 200, mimetype=metrics.CONTENT_TYPE)
 
     @app.get("/healthz")
     def healthz() -> Response:
@@ -129,10 +165,30 @@ def create_app(settings: Settings | None = None, *, source: NamespaceSource | No
     def not_routed(exc) -> Response:
         return Response(orjson.dumps({"error": f"{request.method} {request.path}: {exc.name}",
                                       "endpoints": ["POST /mutate", "POST /mutate/<webhook>",
-                                                    "GET /healthz", "GET /readyz"]}),
+                                                    "GET /healthz", "GET /readyz",
+                                                    "GET /metrics"]}),
                         exc.code, mimetype=JSON)
 
     return app
+
+
+def _observe(review_request: AdmissionRequest | None, outcome: str, seconds: float,
+             **fields) -> None:
+    """Count the review, time it, and write its one log line (never the object itself)."""
+    kind = review_request.kind.kind if review_request else "unknown"
+    operation = review_request.operation if review_request else "unknown"
+    metrics.ADMISSION_REQUESTS.labels(kind, operation, outcome).inc()
+    metrics.ADMISSION_DURATION.observe(seconds)
+    level = logging.WARNING if outcome == "error" else logging.INFO
+    if not admission_log.isEnabledFor(level):
+        return
+    entry = {"uid": "", "kind": kind, "operation": operation}
+    if review_request:
+        entry.update(uid=review_request.uid, namespace=review_request.namespace,
+                     name=review_request.display_name, user=review_request.user,
+                     dryRun=review_request.dry_run)
+    entry.update(decision=outcome, **fields, ms=round(seconds * 1000, 3))
+    admission_log.log(level, "%s", orjson.dumps(entry).decode())
 
 
 def _error(code: int, message: str, uid: str = "") -> Response:
@@ -174,9 +230,9 @@ def _discard_rest_of_body() -> bool:
             pass
 
 
-def _too_large(length: int | None) -> Response:
+def _too_large(length: int | None) -> _Rejected:
     if not _discard_rest_of_body():
         _close_connection_after_response()
     size = f"{length} bytes" if length is not None else "more than that"
-    return _error(413, f"the body is {size}; poolkeeper accepts at most {MAX_BODY_BYTES} bytes "
-                       "(two objects at the API server's 3 MiB limit plus the envelope)")
+    return _Rejected(413, f"the body is {size}; poolkeeper accepts at most {MAX_BODY_BYTES} "
+                          "bytes (two objects at the API server's 3 MiB limit plus the envelope)")

@@ -29,6 +29,8 @@ class RuleResult:
     effects: tuple[str, ...] = ()  # what the rule changed, e.g. "set imagePullPolicy=Always on 2 containers"
     denials: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
+    # auditAnnotations for the audit log, e.g. {"pool": "pool1"}; sent when the request is patched
+    audit: tuple[tuple[str, str], ...] = ()
 
 
 NOTHING = RuleResult()

@@ -87,9 +87,11 @@ class PoolPlacement:
                            "term, or drop the term")
         if denials:
             return RuleResult(denials=tuple(denials))
+        audit = (("pool", pool),)
         if value is None and editor.set(key_path, pool):
-            return RuleResult(effects=(f"set nodeSelector {self.node_label_key}={pool}",))
-        return NOTHING
+            return RuleResult(effects=(f"set nodeSelector {self.node_label_key}={pool}",),
+                              audit=audit)
+        return RuleResult(audit=audit)
 
     def _where(self, namespace: str, pool: str, labels: Mapping[str, str]) -> str:
         if labels.get(self.namespace_label_key):

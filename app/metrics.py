@@ -1,0 +1,110 @@
+"""Owns the Prometheus metrics: their definitions, and the /metrics exposition across workers.
+
+Under gunicorn every worker is a process, so the metrics use prometheus_client's multiprocess
+mode: ``PROMETHEUS_MULTIPROC_DIR`` must be set before this module is first imported (the gunicorn
+configuration does it), each worker writes its samples to files there, and a scrape served by
+any worker sums them all. Without the variable (``poolkeeper mutate``, unit tests) the metrics
+live in this process only.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from importlib import metadata
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import multiprocess
+from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+ADMISSION_REQUESTS = Counter(
+    "poolkeeper_admission_requests_total", "Admission reviews answered, by decision.",
+    ["kind", "operation", "decision"])  # decision: allowed, patched, denied, error
+RULE_ACTIONS = Counter(
+    "poolkeeper_rule_actions_total", "What rules did, by rule, namespace and effect.",
+    ["rule", "namespace", "effect"])  # effect: mutated, denied, warned
+# The decision itself takes tens of microseconds; the buckets resolve that and still cover a
+# slow namespace lookup up to the webhook's timeout.
+ADMISSION_DURATION = Histogram(
+    "poolkeeper_admission_duration_seconds", "Time from body read to response, per review.",
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+             1.0, 2.5, 5.0))
+NAMESPACE_LOOKUPS = Counter(
+    "poolkeeper_namespace_cache_lookups_total", "Namespace label lookups, by result.",
+    ["result"])  # hit, miss, stale
+NAMESPACE_CACHE_SIZE = Gauge(
+    "poolkeeper_namespace_cache_size", "Namespaces held by a worker's cache (largest worker).",
+    multiprocess_mode="livemax")
+NAMESPACE_WATCH_LAST_EVENT = Gauge(
+    "poolkeeper_namespace_watch_last_event_timestamp_seconds",
+    "Unix time of the last namespace watch event, bookmark or (re)listing; the stalest live "
+    "worker's.", multiprocess_mode="livemin")
+NAMESPACE_WATCH_RESTARTS = Counter(
+    "poolkeeper_namespace_watch_restarts_total", "Namespace watches restarted after an error.")
+RULES_RELOADS = Counter(
+    "poolkeeper_rules_reload_total", "Reloads of a changed rules directory, by result.",
+    ["result"])  # success, failure
+EVENTS = Counter(
+    "poolkeeper_events_total", "Kubernetes Events about denials and warnings, by outcome.",
+    ["outcome"])  # sent, rate_limited, dropped, failed
+
+LOOKUP_HIT = NAMESPACE_LOOKUPS.labels("hit")
+LOOKUP_MISS = NAMESPACE_LOOKUPS.labels("miss")
+LOOKUP_STALE = NAMESPACE_LOOKUPS.labels("stale")
+
+
+def version() -> str:
+    try:
+        return metadata.version("poolkeeper")
+    except metadata.PackageNotFoundError:  # pragma: no cover - running from an uninstalled tree
+        return "unknown"
+
+
+class _ScrapeTimeCollector:
+    """Values read when scraped: the serving certificate's expiry and the build."""
+
+    def __init__(self, cert_file: str | None):
+        self.cert_file = cert_file
+
+    def collect(self):
+        info = InfoMetricFamily("poolkeeper_build", "poolkeeper version and runtime.")
+        info.add_metric([], {"version": version(), "python": platform.python_version()})
+        yield info
+        if self.cert_file:
+            from .certs import CertificateError, certificate_expiry
+
+            expiry = GaugeMetricFamily(
+                "poolkeeper_certificate_expiry_timestamp_seconds",
+                "Unix time when the serving certificate expires.")
+            try:
+                expiry.add_metric([], certificate_expiry(self.cert_file).timestamp())
+            except (CertificateError, OSError, ValueError):
+                pass  # no sample: the alert on absent() fires
+            yield expiry
+
+
+def exposition(cert_file: str | None = None) -> bytes:
+    """The text a scrape gets: every worker's samples plus the scrape-time values."""
+    registry = CollectorRegistry()
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        from prometheus_client import REGISTRY
+        registry = REGISTRY
+    output = generate_latest(registry)
+    extra = CollectorRegistry()
+    extra.register(_ScrapeTimeCollector(cert_file))
+    return output + generate_latest(extra)
+
+
+def worker_exited(pid: int) -> None:
+    """gunicorn child_exit hook: drop a dead worker's live gauges."""
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        multiprocess.mark_process_dead(pid)
+
+
+def now() -> float:
+    return time.time()
