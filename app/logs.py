@@ -10,12 +10,12 @@ import orjson
 
 
 class JSONFormatter(logging.Formatter):
-    """{"time", "level", "logger", "message", ...}; a message that is already JSON is merged."""
+    """{"time", "level", "logger", "pid", "message", ...}; a message that is JSON is merged."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {"time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(
                      timespec="milliseconds"),
-                 "level": record.levelname.lower(), "logger": record.name}
+                 "level": record.levelname.lower(), "logger": record.name, "pid": record.process}
         message = record.getMessage()
         if message.startswith("{") and message.endswith("}"):
             try:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import platform
-import time
 from importlib import metadata
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -38,10 +37,12 @@ NAMESPACE_LOOKUPS = Counter(
 NAMESPACE_CACHE_SIZE = Gauge(
     "poolkeeper_namespace_cache_size", "Namespaces held by a worker's cache (largest worker).",
     multiprocess_mode="livemax")
+# Labelled so that only workers that watch create a sample: the gunicorn master (and a worker
+# reading a namespaces file) would otherwise add a 0 that livemin would report.
 NAMESPACE_WATCH_LAST_EVENT = Gauge(
     "poolkeeper_namespace_watch_last_event_timestamp_seconds",
     "Unix time of the last namespace watch event, bookmark or (re)listing; the stalest live "
-    "worker's.", multiprocess_mode="livemin")
+    "worker's.", ["source"], multiprocess_mode="livemin")
 NAMESPACE_WATCH_RESTARTS = Counter(
     "poolkeeper_namespace_watch_restarts_total", "Namespace watches restarted after an error.")
 RULES_RELOADS = Counter(
@@ -104,7 +105,3 @@ def worker_exited(pid: int) -> None:
     """gunicorn child_exit hook: drop a dead worker's live gauges."""
     if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
         multiprocess.mark_process_dead(pid)
-
-
-def now() -> float:
-    return time.time()

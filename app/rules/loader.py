@@ -31,6 +31,7 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
+from .. import metrics
 from ..config import DEFAULT_EXCLUDED_NAMESPACES, ConfigError
 from .base import KNOWN_KINDS, LabelSelector, Match, Requirement, Rule, RuleKind
 from .defaults import ImagePullPolicy, NamespaceLabels, RemoveResourceLimits
@@ -294,11 +295,13 @@ class RuleStore:
             rules = load_rules(self.directory)
         except RulesError as exc:
             self.reloads["failure"] += 1
+            metrics.RULES_RELOADS.labels("failure").inc()
             log.error("refused the changed rules in %s, keeping the %d rules in force: %s",
                       self.directory, len(self._rules), exc)
             return
         self._rules, self._by_webhook = rules, _group(rules)
         self.reloads["success"] += 1
+        metrics.RULES_RELOADS.labels("success").inc()
         log.info("loaded %d rules from %s: %s", len(rules), self.directory,
                  ", ".join(f"{r.name} ({r.enforcement})" for r in rules))
 

@@ -1,0 +1,140 @@
+"""Kubernetes Events about denials and warnings: content, rate limits, dry-run, off the request path."""
+
+from __future__ import annotations
+
+import threading
+
+from app.admission import admit
+from app.events import EventRecorder
+
+from .support import make_request, pod, shipped_rules
+
+RULES = shipped_rules()
+NAMESPACES = {"team-a": {"agentpool": "pool1"}}
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+class Collector:
+    """Stands in for the API server: records what would be posted."""
+
+    def __init__(self, fail: bool = False, gate: threading.Event | None = None):
+        self.posted: list[tuple[str, dict]] = []
+        self.fail, self.gate = fail, gate
+        self.done = threading.Event()
+
+    def __call__(self, namespace, body):
+        if self.gate is not None:
+            self.gate.wait(10)
+        if self.fail:
+            raise ConnectionError("API server down")
+        self.posted.append((namespace, body))
+        self.done.set()
+
+
+def denied_request(**kw):
+    request = make_request(pod({"agentpool": "pool2"}, namespace="team-a", name="web"), **kw)
+    return request, admit(request, NAMESPACES.get, RULES)
+
+
+def drain(recorder):
+    recorder.stop()
+
+
+def test_events_denial_event_names_rule_object_and_fix():
+    post = Collector()
+    recorder = EventRecorder(post, instance="poolkeeper-abc")
+    recorder.start()
+    request, decision = denied_request()
+    recorder.record(request, decision)
+    drain(recorder)
+    ((namespace, event),) = post.posted
+    assert namespace == "team-a"
+    assert event["apiVersion"] == "events.k8s.io/v1" and event["type"] == "Warning"
+    assert event["reason"] == "PoolkeeperDenied" and event["action"] == "Admit"
+    assert event["reportingController"] == "poolkeeper.io/webhook"
+    assert event["reportingInstance"] == "poolkeeper-abc"
+    assert event["regarding"] == {"apiVersion": "v1", "kind": "Pod", "name": "web",
+                                  "namespace": "team-a"}
+    assert event["note"].startswith("[agentpool-node-selector] denied CREATE of Pod web: ")
+    assert 'set it to "pool1"' in event["note"] and len(event["note"]) <= 1024
+    assert event["eventTime"].endswith("Z") and event["metadata"]["namespace"] == "team-a"
+    assert recorder.counts["sent"] == 1
+
+
+def test_events_warnings_for_namespaces_go_to_default():
+    post = Collector()
+    recorder = EventRecorder(post)
+    recorder.start()
+    ns = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "sandbox"}}
+    request = make_request(ns)
+    recorder.record(request, admit(request, {}.get, RULES))
+    drain(recorder)
+    ((namespace, event),) = post.posted
+    assert namespace == "default" and event["reason"] == "PoolkeeperWarning"
+    assert "namespace" not in event["regarding"] and "sandbox" in event["note"]
+
+
+def test_events_never_on_dry_run_or_plain_mutations():
+    post = Collector()
+    recorder = EventRecorder(post)
+    recorder.start()
+    recorder.record(*denied_request(dry_run=True))
+    request = make_request(pod(namespace="team-a"))
+    recorder.record(request, admit(request, NAMESPACES.get, RULES))
+    drain(recorder)
+    assert post.posted == [] and recorder.counts["sent"] == 0
+
+
+def test_events_rate_limited_per_key_and_overall():
+    post = Collector()
+    clock = Clock()
+    recorder = EventRecorder(post, clock=clock, per_key_burst=3, per_key_interval=60,
+                             global_burst=5, global_rate=1.0)
+    recorder.start()
+    for _ in range(10):  # a crash-looping controller recreating the same pod
+        recorder.record(*denied_request())
+    clock.now += 60  # one more token for this key
+    recorder.record(*denied_request())
+    for name in ("a", "b", "c", "d", "e", "f"):  # many objects: the global bucket limits
+        request = make_request(pod({"agentpool": "pool2"}, namespace="team-a", name=name))
+        recorder.record(request, admit(request, NAMESPACES.get, RULES))
+    drain(recorder)
+    # key: 3 of the first 10, then 1 a minute later; overall: 5 tokens after the minute, 1 used
+    assert len(post.posted) == 3 + 1 + 4
+    assert recorder.counts["rate_limited"] == 7 + 2
+
+
+def test_events_full_queue_drops_without_blocking_admission():
+    gate = threading.Event()
+    post = Collector(gate=gate)
+    recorder = EventRecorder(post, queue_size=2, global_burst=100, per_key_burst=100)
+    recorder.start()
+    for name in range(6):
+        request = make_request(pod({"agentpool": "pool2"}, namespace="team-a", name=f"p{name}"))
+        recorder.record(request, admit(request, NAMESPACES.get, RULES))
+    gate.set()
+    drain(recorder)
+    assert recorder.counts["dropped"] >= 3 and len(post.posted) + recorder.counts["dropped"] == 6
+
+
+def test_events_failures_are_counted_not_raised():
+    post = Collector(fail=True)
+    recorder = EventRecorder(post)
+    recorder.start()
+    recorder.record(*denied_request())
+    drain(recorder)
+    assert recorder.counts["failed"] == 1 and recorder.counts["sent"] == 0
+
+
+def test_events_long_notes_are_cut_to_the_api_limit():
+    recorder = EventRecorder(Collector())
+    request, _ = denied_request()
+    event = recorder.event(request, "team-a", "rule", "PoolkeeperDenied", "x" * 5000)
+    assert len(event["note"]) == 1024 and event["note"].endswith("...")

@@ -1,0 +1,128 @@
+"""Metrics, logs and audit annotations as an operator sees them: scraped from real gunicorn."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+import requests
+
+from app.certs import certificate_expiry, create_certificates
+
+from .server import start_server
+from .support import TESTDATA, pod, review_doc
+
+SAMPLE = re.compile(r'^([a-z_]+)(\{[^}]*\})? ([0-9.e+-]+)$')
+
+
+def parse(text: str) -> dict[str, float]:
+    """'name{labels}' -> value for every sample line of a Prometheus text exposition."""
+    samples = {}
+    for line in text.splitlines():
+        match = SAMPLE.match(line)
+        if match:
+            samples[match.group(1) + (match.group(2) or "")] = float(match.group(3))
+    return samples
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    certs = tmp_path_factory.mktemp("certs")
+    create_certificates(certs, "poolkeeper", "poolkeeper-system")
+    srv = start_server(certs, tmp_path_factory.mktemp("logs") / "server.log", "--namespaces",
+                       str(TESTDATA / "namespaces.yaml"), workers=3, threads=1)
+    srv.wait_for_workers(3)
+    yield srv
+    srv.stop()
+
+
+def fresh_post(server, doc, path="/mutate"):
+    """One request on a new connection, so the kernel may hand it to any worker."""
+    return requests.post(server.url + path, data=json.dumps(doc), verify=server.ca, timeout=10,
+                         headers={"Content-Type": "application/json", "Connection": "close"})
+
+
+def scrape(server) -> dict[str, float]:
+    response = requests.get(server.url + "/metrics", verify=server.ca, timeout=10,
+                            headers={"Connection": "close"})
+    assert response.status_code == 200
+    assert response.headers["Content-Type"].startswith("text/plain")
+    return parse(response.text)
+
+
+def admission_lines(server):
+    return [json.loads(line) for line in server.log().splitlines()
+            if '"poolkeeper.admission"' in line]
+
+
+def test_metrics_count_requests_of_every_worker_whichever_worker_is_scraped(server):
+    doc = review_doc(pod(namespace="team-payments"))
+    served = 0
+    deadline = time.monotonic() + 60
+    while True:
+        for _ in range(20):
+            assert fresh_post(server, doc).status_code == 200
+            served += 1
+        pids = {line["pid"] for line in admission_lines(server) if line["uid"] == "uid-1"}
+        if len(pids) >= 2:
+            break
+        assert time.monotonic() < deadline, f"one worker served everything: {pids}"
+    key = ('poolkeeper_admission_requests_total{decision="patched",kind="Pod",'
+           'operation="CREATE"}')
+    for _ in range(12):  # fresh connections: the scrapes land on different workers
+        samples = scrape(server)
+        assert samples[key] == served, "a scrape must count what every worker served"
+        assert samples["poolkeeper_admission_duration_seconds_count"] >= served
+    assert samples['poolkeeper_rule_actions_total{effect="mutated",namespace="team-payments",'
+                   'rule="agentpool-node-selector"}'] == served
+    assert samples['poolkeeper_namespace_cache_lookups_total{result="hit"}'] >= served
+
+
+def test_metrics_include_errors_denials_build_and_certificate(server):
+    before = scrape(server)
+    assert requests.post(server.url + "/mutate", data=b"nope", verify=server.ca, timeout=10,
+                         headers={"Content-Type": "application/json"}).status_code == 400
+    assert fresh_post(server, review_doc(pod({"agentpool": "pool9"},
+                                              namespace="team-payments"))).status_code == 200
+    after = scrape(server)
+    error = 'poolkeeper_admission_requests_total{decision="error",kind="unknown",operation="unknown"}'
+    assert after[error] == before.get(error, 0) + 1
+    denied = ('poolkeeper_rule_actions_total{effect="denied",namespace="team-payments",'
+              'rule="agentpool-node-selector"}')
+    assert after[denied] == before.get(denied, 0) + 1
+    build = [k for k in after if k.startswith("poolkeeper_build_info{")]
+    assert len(build) == 1 and 'version="' in build[0]
+    expiry = certificate_expiry(server.cert_dir / "tls.crt").timestamp()
+    assert after["poolkeeper_certificate_expiry_timestamp_seconds"] == pytest.approx(expiry)
+    assert 'poolkeeper_admission_duration_seconds_bucket{le="0.0005"}' in after
+
+
+def test_metrics_log_line_names_what_happened_and_never_the_object(server):
+    doc = review_doc(pod({"kubernetes.io/os": "linux"}, namespace="team-payments"),
+                     uid="log-sample")
+    doc["request"]["object"]["spec"]["containers"][0]["env"] = [{"name": "TOKEN",
+                                                                 "value": "s3cr3t"}]
+    assert fresh_post(server, doc).status_code == 200
+    deadline = time.monotonic() + 10
+    while not (lines := [line for line in admission_lines(server) if line["uid"] == "log-sample"]):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    (line,) = lines
+    assert set(line) == {"time", "level", "logger", "pid", "uid", "kind", "operation",
+                         "namespace", "name", "user", "dryRun", "decision", "rules", "patchOps",
+                         "ms"}
+    assert line["decision"] == "patched" and line["patchOps"] == 1 and line["name"] == "p"
+    assert "s3cr3t" not in server.log()
+
+
+def test_metrics_audit_annotations_on_mutation(server):
+    doc = review_doc(pod(namespace="team-payments"))
+    doc["request"]["object"]["spec"]["containers"][0]["resources"] = {"limits": {"cpu": "1"}}
+    answer = fresh_post(server, doc).json()["response"]
+    assert answer["auditAnnotations"] == {"pool": "pool1",
+                                          "rules": "agentpool-node-selector,remove-cpu-limits"}
+    unchanged = fresh_post(server, review_doc(pod({"agentpool": "pool1"},
+                                                  namespace="team-payments"))).json()["response"]
+    assert "auditAnnotations" not in unchanged
