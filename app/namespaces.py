@@ -298,6 +298,7 @@ class KubeNamespaces:
         self.watch_restarts = 0  # watches re-established after an error or a 410
         self.relists = 0  # full listings completed
         self.last_event_at: float | None = None  # clock time of the last watch event or bookmark
+        self.last_event_unix: float | None = None  # Unix time of the last event, bookmark or listing
 
     # -- NamespaceSource -------------------------------------------------------------------------
 
@@ -364,6 +365,7 @@ class KubeNamespaces:
             "watch_live": live, "synced": synced, "watch_events": self.watch_events,
             "watch_restarts": self.watch_restarts, "relists": self.relists,
             "last_event_at": last, "last_event_age": None if last is None else self._clock() - last,
+            "last_event_unix": self.last_event_unix,
         }
 
     # -- lookups ---------------------------------------------------------------------------------
@@ -531,6 +533,7 @@ class KubeNamespaces:
             self._current_at = now
             self._state = (True, True, now)
         self._unreachable_since = None
+        self.last_event_unix = time.time()
         self.relists += 1
         log.info("listed %d namespaces at resourceVersion %s", len(store), resource_version)
 
@@ -593,6 +596,7 @@ class KubeNamespaces:
         obj = event.get("object") or {}
         metadata = obj.get("metadata") or {}
         self.last_event_at = self._clock()
+        self.last_event_unix = time.time()
         self.watch_events += 1
         if kind == "ERROR":
             code = obj.get("code")

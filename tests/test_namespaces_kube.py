@@ -154,6 +154,7 @@ def test_kube_namespaces_first_listing_serves_labels_without_api_calls(core, mak
     stats = source.stats()
     assert stats["hits"] == 2 and stats["misses"] == 0 and stats["gets"] == 0
     assert stats["synced"] and stats["relists"] == 1 and stats["store_size"] >= 5
+    assert stats["last_event_unix"] == pytest.approx(time.time(), abs=DEADLINE)
 
     source.stop()
     assert watch_threads() == []
