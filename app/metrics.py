@@ -4,7 +4,8 @@ Under gunicorn every worker is a process, so the metrics use prometheus_client's
 mode: ``PROMETHEUS_MULTIPROC_DIR`` must be set before this module is first imported (the gunicorn
 configuration does it), each worker writes its samples to files there, and a scrape served by
 any worker sums them all. Without the variable (``poolkeeper mutate``, unit tests) the metrics
-live in this process only.
+live in this process only. So nothing that ``poolkeeper serve`` runs before gunicorn's
+configuration may import this module (tests/test_metrics.py scrapes a real server to check).
 """
 
 from __future__ import annotations

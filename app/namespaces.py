@@ -29,6 +29,7 @@ import orjson
 import urllib3
 import yaml
 
+from app import metrics
 from app.config import ConfigError, Settings
 
 log = logging.getLogger("poolkeeper.namespaces")
@@ -143,7 +144,11 @@ class FileNamespaces:
         if self._clock() - self._checked_at >= self.check_interval:
             self._maybe_reload()
         labels = self._namespaces.get(name)
-        return None if labels is None else dict(labels)
+        if labels is None:
+            metrics.LOOKUP_MISS.inc()
+            return None
+        metrics.LOOKUP_HIT.inc()
+        return dict(labels)
 
     def ready(self) -> bool:
         return True  # the constructor fails unless the first load succeeded
@@ -308,6 +313,7 @@ class KubeNamespaces:
             labels = self._store.get(name)
             if labels is not None and (live or self._clock() - current_at < self.cache_ttl):
                 self.hits += 1
+                metrics.LOOKUP_HIT.inc()
                 return dict(labels)
         with self._lock:
             cached = self._ttl.get(name, _MISSING)
@@ -318,10 +324,12 @@ class KubeNamespaces:
                     flight = self._inflight[name] = _Flight()
         if cached is not _MISSING:
             self.hits += 1
+            metrics.LOOKUP_HIT.inc()
             return None if cached is None else dict(cached)
         assert flight is not None
         if leader:
             self.misses += 1
+            metrics.LOOKUP_MISS.inc()
             self._fetch(name, flight)
         elif not flight.done.wait(self._flight_wait()):
             raise NamespaceLookupError(f"timed out waiting for the lookup of namespace {name!r}")
@@ -444,6 +452,7 @@ class KubeNamespaces:
                 f"cannot look up namespace {name!r}: {down}; its labels were last known {age:.1f}s "
                 f"ago, more than max-stale ({self.max_stale:g}s)")
         self.stale += 1
+        metrics.LOOKUP_STALE.inc()
         log.log(logging.WARNING if fresh_failure else logging.DEBUG,
                 "serving labels of namespace %s known %.0fs ago: %s", name, age, down)
         return known[0]
@@ -468,6 +477,7 @@ class KubeNamespaces:
             except _Expired as e:
                 log.info("namespace watch: %s; listing again", e)
                 self.watch_restarts += 1
+                metrics.NAMESPACE_WATCH_RESTARTS.inc()
                 need_list = True
                 failures = 0
                 continue
@@ -482,6 +492,7 @@ class KubeNamespaces:
                 break
             failures += 1
             self.watch_restarts += 1
+            metrics.NAMESPACE_WATCH_RESTARTS.inc()
             self._mark_broken(message)
             delay = self._backoff(failures)
             log.log(level, "namespace %s failed: %s; retrying in %.1fs",
@@ -534,6 +545,8 @@ class KubeNamespaces:
             self._state = (True, True, now)
         self._unreachable_since = None
         self.last_event_unix = time.time()
+        metrics.NAMESPACE_WATCH_LAST_EVENT.labels("apiserver").set(self.last_event_unix)
+        metrics.NAMESPACE_CACHE_SIZE.set(len(store))
         self.relists += 1
         log.info("listed %d namespaces at resourceVersion %s", len(store), resource_version)
 
@@ -597,6 +610,7 @@ class KubeNamespaces:
         metadata = obj.get("metadata") or {}
         self.last_event_at = self._clock()
         self.last_event_unix = time.time()
+        metrics.NAMESPACE_WATCH_LAST_EVENT.labels("apiserver").set(self.last_event_unix)
         self.watch_events += 1
         if kind == "ERROR":
             code = obj.get("code")
@@ -621,6 +635,7 @@ class KubeNamespaces:
             return
         with self._lock:
             self._ttl.pop(name, None)  # the store is newer than any GET result
+        metrics.NAMESPACE_CACHE_SIZE.set(len(self._store))
         if resource_version:
             self._resource_version = resource_version
 

@@ -31,7 +31,6 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
-from .. import metrics
 from ..config import DEFAULT_EXCLUDED_NAMESPACES, ConfigError
 from .base import KNOWN_KINDS, LabelSelector, Match, Requirement, Rule, RuleKind
 from .defaults import ImagePullPolicy, NamespaceLabels, RemoveResourceLimits
@@ -286,6 +285,10 @@ class RuleStore:
             return (("error", str(exc)),)
 
     def _maybe_reload(self) -> None:
+        # Imported here: `poolkeeper serve` loads the rules to check them before gunicorn sets up
+        # the multiprocess metrics directory, which must come before prometheus_client's import.
+        from .. import metrics
+
         self._next_check = self._clock() + self._check_interval
         signature = self._read_signature()
         if signature == self._signature:
