@@ -138,3 +138,45 @@ def test_events_long_notes_are_cut_to_the_api_limit():
     request, _ = denied_request()
     event = recorder.event(request, "team-a", "rule", "PoolkeeperDenied", "x" * 5000)
     assert len(event["note"]) == 1024 and event["note"].endswith("...")
+
+
+# --- through the real kubernetes client against a real API server (miniapiserver) -----------
+
+import time  # noqa: E402
+
+import pytest  # noqa: E402
+
+from .apiserver import MiniApiServer, apiserver_fixture  # noqa: E402
+
+apiserver = apiserver_fixture()
+
+
+@pytest.mark.apiserver
+def test_events_are_created_in_the_api_server(apiserver: MiniApiServer):
+    import kubernetes.client
+
+    from app.events import api_poster
+    from app.kube import load_api_client
+
+    client = load_api_client(apiserver.kubeconfig)
+    core = kubernetes.client.CoreV1Api(client)
+    core.create_namespace({"apiVersion": "v1", "kind": "Namespace",
+                           "metadata": {"name": "team-a", "labels": {"agentpool": "pool1"}}})
+    recorder = EventRecorder(api_poster(client), instance="test-instance")
+    recorder.start()
+    try:
+        recorder.record(*denied_request())
+        deadline = time.monotonic() + 20
+        while True:
+            events = core.list_namespaced_event("team-a", field_selector="reason=PoolkeeperDenied")
+            if events.items or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    finally:
+        recorder.stop()
+        client.close()
+    (event,) = events.items
+    assert event.type == "Warning" and event.involved_object.name == "web"
+    assert event.message.startswith("[agentpool-node-selector] denied CREATE of Pod web")
+    assert event.reporting_component == "poolkeeper.io/webhook"
+    assert recorder.counts == {"sent": 1, "rate_limited": 0, "dropped": 0, "failed": 0}
