@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 CERTS ?= .certs
 PYTEST_ARGS ?=
 
-.PHONY: run test venv certs clean
+.PHONY: run test venv certs clean bench
 
 venv: $(STAMP)
 
@@ -32,6 +32,20 @@ test: $(STAMP)
 	if [ $$rc -ne 0 ]; then exit $$rc; fi; \
 	echo "coverage gate: app/rules/ must be 100% (lines and branches)"; \
 	$(BIN)/coverage report --include='app/rules/*' --fail-under=100
+
+# Benchmark (bench/README.md): BENCH_QUICK=1 for about a minute, BENCH_ARGS for more options.
+# The OPA bindings (extra `bench`) declare Python >= 3.14 but work on 3.11, hence the flag; wrk
+# comes from Debian (bench/install-wrk.sh installs it when missing and root).
+BENCH_STAMP := $(VENV)/.bench-stamp
+BENCH_ARGS ?=
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --ignore-requires-python -e '.[bench]'
+	touch $@
+
+bench: $(BENCH_STAMP)
+	@bash bench/install-wrk.sh $(if $(filter python,$(BENCH_ARGS)),|| true)
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(CERTS) .pytest_cache .hypothesis .coverage *.egg-info
