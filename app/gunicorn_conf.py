@@ -22,7 +22,7 @@ else:
 
 from app import metrics  # noqa: E402  (after the variable above)
 from app.config import load_settings  # noqa: E402
-from app.logs import JSONFormatter, configure_logging  # noqa: E402
+from app.logs import JSONGunicornLogger, configure_logging  # noqa: E402
 from app.tls import cert_paths, gunicorn_ssl_context_hook  # noqa: E402
 from app.webhook import remember_server_request  # noqa: E402
 
@@ -66,17 +66,9 @@ limit_request_fields = 100
 accesslog = None  # one JSON line per admission comes from the app instead
 errorlog = "-"
 loglevel = _settings.log_level
-# gunicorn's own lines in the same JSON shape as poolkeeper's.
-logconfig_dict = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "formatters": {"json": {"()": JSONFormatter}},
-    "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json",
-                            "stream": "ext://sys.stderr"}},
-    "root": {"handlers": ["stderr"], "level": "WARNING"},
-    "loggers": {"gunicorn.error": {"handlers": ["stderr"], "level": loglevel.upper(),
-                                   "propagate": False}},
-}
+# gunicorn's own lines in the same JSON shape as poolkeeper's (see JSONGunicornLogger for why
+# not logconfig_dict).
+logger_class = JSONGunicornLogger
 
 
 def pre_request(worker, req):

@@ -188,7 +188,7 @@ def _observe(review_request: AdmissionRequest | None, outcome: str, seconds: flo
                      name=review_request.display_name, user=review_request.user,
                      dryRun=review_request.dry_run)
     entry.update(decision=outcome, **fields, ms=round(seconds * 1000, 3))
-    admission_log.log(level, "%s", orjson.dumps(entry).decode())
+    admission_log.log(level, "review", extra={"fields": entry})
 
 
 def _error(code: int, message: str, uid: str = "") -> Response:

@@ -257,3 +257,14 @@ def test_engine_looks_up_a_namespace_once_per_request():
     obj["spec"]["containers"][0]["resources"] = resources(limits={"cpu": "1"})
     assert len(admit(make_request(obj), lookup, rules).actions) == 3
     assert looked_up == ["team-a"]
+
+
+def test_defaults_removing_other_limits_keeps_guaranteed_without_warning():
+    rules = with_rule("remove-cpu-limits",
+                      impl=RemoveResourceLimits(resources=["ephemeral-storage"]))
+    obj = pod(namespace="team-a")
+    obj["spec"]["containers"][0]["resources"] = resources(
+        limits={"cpu": "1", "memory": "1Gi", "ephemeral-storage": "1Gi"})
+    response = decide(obj, rules).response
+    assert response.patch and response.warnings == ()
+    assert qos_class(apply(obj, response)) == "Guaranteed"

@@ -132,25 +132,27 @@ class RemoveResourceLimits:
         obj = editor.current
         if expect_map(obj, ("metadata", "annotations")).get(self.keep_annotation) == "true":
             return NOTHING
-        was_guaranteed = qos_class(obj) == "Guaranteed"
-        changed = 0
-        for path, container in list(_containers(obj)):
-            limits_path = (*path, "resources", "limits")
+        removals = []
+        for path, container in _containers(obj):
             limits = expect_map(container, ("resources", "limits"))
             present = [r for r in self.resources if r in limits]
-            if not present:
-                continue
-            changed += 1
-            if len(present) == len(limits):
+            if present:
+                removals.append(((*path, "resources", "limits"), present, len(present) == len(limits)))
+        if not removals:
+            return NOTHING
+        # QoS only matters when something goes; it needs every quantity parsed, so only then.
+        was_guaranteed = qos_class(obj) == "Guaranteed"
+        for limits_path, present, all_of_them in removals:
+            if all_of_them:
                 editor.remove(limits_path)
             else:
                 for resource in present:
                     editor.remove((*limits_path, resource))
-        if not changed:
-            return NOTHING
         effects = (f"remove {'/'.join(self.resources)} limits from "
-                   f"{_plural(changed, 'container')}",)
-        if was_guaranteed and qos_class(editor.current) != "Guaranteed":
+                   f"{_plural(len(removals), 'container')}",)
+        # Guaranteed needs cpu and memory limits on every container: removing either ends it.
+        if was_guaranteed and any(r in ("cpu", "memory") for _, present, _ in removals
+                                  for r in present):
             return RuleResult(effects=effects, warnings=(
                 f"QoS class changes from Guaranteed to Burstable: {'/'.join(self.resources)} "
                 "limits removed",))
