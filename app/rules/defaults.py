@@ -141,7 +141,7 @@ class RemoveResourceLimits:
         if not removals:
             return NOTHING
         # QoS only matters when something goes; it needs every quantity parsed, so only then.
-        was_guaranteed = qos_class(obj) == "Guaranteed"
+        was_guaranteed = is_guaranteed(obj)
         for limits_path, present, all_of_them in removals:
             if all_of_them:
                 editor.remove(limits_path)
@@ -187,30 +187,39 @@ def parse_quantity(value: object) -> Decimal | None:
 
 
 def _same_quantity(a: object, b: object) -> bool:
+    if a == b:  # the usual case: requests defaulted from limits by the API server
+        return True
     qa, qb = parse_quantity(a), parse_quantity(b)
     return qa == qb if qa is not None and qb is not None else a == b
+
+
+def _resource_map(container: dict, part: str) -> dict:
+    value = lookup(container, ("resources", part), {})
+    return value if isinstance(value, dict) else {}
+
+
+def is_guaranteed(pod: dict) -> bool:
+    """Every container has cpu and memory limits, and requests (defaulted from limits by the
+    API server) equal them; stops at the first container that does not."""
+    containers = [c for _, c in _containers(pod)]
+    for container in containers:
+        requests, limits = _resource_map(container, "requests"), _resource_map(container, "limits")
+        for resource in ("cpu", "memory"):
+            if resource not in limits or (resource in requests and
+                                          not _same_quantity(requests[resource], limits[resource])):
+                return False
+    return bool(containers)
 
 
 def qos_class(pod: dict) -> str:
     """Guaranteed, Burstable or BestEffort, as the kubelet computes it from cpu and memory.
 
-    Guaranteed: every container has cpu and memory limits, and requests (defaulted from limits
-    by the API server) equal them. BestEffort: no container requests or limits anything.
+    BestEffort: no container requests or limits cpu or memory.
     """
-    containers = [c for _, c in _containers(pod)]
-    anything = False
-    guaranteed = bool(containers)
-    for container in containers:
-        requests = lookup(container, ("resources", "requests"), {})
-        limits = lookup(container, ("resources", "limits"), {})
-        requests = requests if isinstance(requests, dict) else {}
-        limits = limits if isinstance(limits, dict) else {}
-        if any(r in requests or r in limits for r in ("cpu", "memory")):
-            anything = True
-        for resource in ("cpu", "memory"):
-            if resource not in limits or (resource in requests and
-                                          not _same_quantity(requests[resource], limits[resource])):
-                guaranteed = False
-    if guaranteed:
+    if is_guaranteed(pod):
         return "Guaranteed"
-    return "Burstable" if anything else "BestEffort"
+    for _, container in _containers(pod):
+        requests, limits = _resource_map(container, "requests"), _resource_map(container, "limits")
+        if any(r in requests or r in limits for r in ("cpu", "memory")):
+            return "Burstable"
+    return "BestEffort"
