@@ -37,7 +37,7 @@ from bench.loadgen import percentile
 
 # The MutatingWebhookConfiguration of case (b). deploy/ has none yet, so the bench applies the
 # stand-in built by standin_webhook_configuration() below. When deploy/ ships one, set this to
-# its path (e.g. "deploy/webhook.yaml"): the bench then applies that file, caBundle filled in,
+# its path (e.g. "deploy/base/webhook.yaml"): the bench applies that file, caBundle filled in,
 # with the certificate and the service mapping made for the service it names.
 DEPLOY_WEBHOOK_CONFIGURATION: str | None = None
 
@@ -167,8 +167,9 @@ _COLLECTIONS = {
 
 
 class MiniAPI:
-    def __init__(self, state_dir: Path):
+    def __init__(self, state_dir: Path, keep: bool = False):
         self.dir = state_dir
+        self.keep = keep
         self.env: dict[str, str] = {}
         self.pool: urllib3.HTTPSConnectionPool | None = None
 
@@ -191,8 +192,8 @@ class MiniAPI:
     def stop(self) -> None:
         if self.pool is not None:
             self.pool.close()
-        subprocess.run([str(tool_dir() / "stop.sh"), str(self.dir), "--rm"],
-                       capture_output=True, timeout=60)
+        subprocess.run([str(tool_dir() / "stop.sh"), str(self.dir),
+                        *([] if self.keep else ["--rm"])], capture_output=True, timeout=60)
 
     @property
     def kubeconfig(self) -> str:
@@ -255,6 +256,7 @@ class CaseResult:
     max_ms: float | None = None
     cpu_ms: float | None = None  # CPU of API server + etcd (+ poolkeeper) per pod created
     note: str = ""
+    warmup_errors: int = 0  # failed or unmutated creations among the untimed ones
     latencies: list[float] = field(default_factory=list, repr=False)
 
 
@@ -310,12 +312,12 @@ def _cpu_seconds(pids: list[int]) -> float:
 
 
 def run(work: Path, count: int, warmup: int, creators: tuple[int, ...] = (CREATORS, 1),
-        log_level: str | None = None,
+        log_level: str | None = None, keep: bool = False,
         progress: Callable[[str], None] = print) -> dict[int, list[CaseResult]]:
     """Cases (a), (b), (c), each timed with every number of concurrent ``creators``."""
     names = inputs.namespace_names()
     body = orjson.dumps(inputs.pod_for_create())
-    api = MiniAPI(work / "miniapiserver")
+    api = MiniAPI(work / "miniapiserver", keep=keep)
     results: dict[int, list[CaseResult]] = {c: [] for c in creators}
     server = None
     try:
@@ -330,21 +332,24 @@ def run(work: Path, count: int, warmup: int, creators: tuple[int, ...] = (CREATO
         def measure(key: str, label: str, ok, note: str = "") -> None:
             nonlocal offset
             pids = [int(api.env["APISERVER_PID"]), int(api.env["ETCD_PID"])]
+            hook = server if key == "webhook" else None  # poolkeeper idles on during (c)
             for n in creators:
-                _timed_creates(api, names, body, warmup, ok, offset, n)
+                _, warmup_errors = _timed_creates(api, names, body, warmup, ok, offset, n)
                 offset += warmup
-                cpu_before = _cpu_seconds(pids) + (server.cpu_seconds() if server else 0.0)
+                cpu_before = _cpu_seconds(pids) + (hook.cpu_seconds() if hook else 0.0)
                 latencies, errors = _timed_creates(api, names, body, count, ok, offset, n)
-                cpu = _cpu_seconds(pids) + (server.cpu_seconds() if server else 0.0) - cpu_before
+                cpu = _cpu_seconds(pids) + (hook.cpu_seconds() if hook else 0.0) - cpu_before
                 offset += count
                 ordered = sorted(latencies)
                 result = CaseResult(key, label, len(ordered), errors,
                                     percentile(ordered, 50) * 1000,
                                     percentile(ordered, 99) * 1000, ordered[-1] * 1000,
-                                    cpu / len(ordered) * 1000, note, latencies=ordered)
+                                    cpu / len(ordered) * 1000, note, warmup_errors,
+                                    latencies=ordered)
                 results[n].append(result)
                 progress(f"  {label}, {n} creators: p50 {result.p50_ms:.2f} ms, "
-                         f"p99 {result.p99_ms:.2f} ms, {errors} errors")
+                         f"p99 {result.p99_ms:.2f} ms, {errors} errors "
+                         f"({warmup_errors} in the warm-up)")
 
         measure("none", "(a) no admission configured", untouched)
 
@@ -362,8 +367,8 @@ def run(work: Path, count: int, warmup: int, creators: tuple[int, ...] = (CREATO
                   if DEPLOY_WEBHOOK_CONFIGURATION is None else DEPLOY_WEBHOOK_CONFIGURATION)
         measure("webhook", "(b) poolkeeper webhook", mutated, source)
         api.delete(config)
-        server.stop()
-        server = None
+        # poolkeeper keeps running (idle) until the API server is gone: on SIGTERM, gunicorn
+        # waits its graceful_timeout (20 s) for the keep-alive connections the API server holds.
         _wait_for(api, probe_ns, body, untouched, "the webhook configuration is gone")
 
         policy_objects = mutating_admission_policy()
@@ -374,7 +379,7 @@ def run(work: Path, count: int, warmup: int, creators: tuple[int, ...] = (CREATO
         for obj in reversed(policy_objects):
             api.delete(obj)
     finally:
+        api.stop()
         if server is not None:
             server.stop()
-        api.stop()
     return results

@@ -32,7 +32,8 @@ RESULTS_END = "<!-- bench results: end -->"
 @dataclass(frozen=True)
 class Mode:
     name: str
-    duration_s: float  # per server and concurrency
+    rounds: int  # each server is measured this many times at each concurrency, in turn
+    duration_s: float  # per round, server and concurrency
     warmup_s: float  # per server, at the highest concurrency, untimed
     max_requests: int  # per load run: the count bound
     workers: int | None  # None: poolkeeper's default (2 x cores + 1)
@@ -46,11 +47,11 @@ class Mode:
 
 
 MODES = {
-    "full": Mode("full", 10, 3, 500_000, None, None, 1000, 9, (10, 1000, 10_000, 100_000), 7,
+    "full": Mode("full", 3, 4, 3, 500_000, None, None, 1000, 9, (10, 1000, 10_000, 100_000), 7,
                  400, 40),
-    "quick": Mode("quick", 2, 1, 100_000, None, None, 1000, 3, (10, 1000, 10_000, 100_000), 3,
+    "quick": Mode("quick", 1, 2, 1, 100_000, None, None, 1000, 3, (10, 1000, 10_000, 100_000), 3,
                   100, 16),
-    "smoke": Mode("smoke", 1, 0, 40, 2, 2, 50, 1, (10, 1000, 10_000, 100_000), 1, 12, 2),
+    "smoke": Mode("smoke", 1, 1, 0, 40, 2, 2, 50, 1, (10, 1000, 10_000, 100_000), 1, 12, 2),
 }
 
 
@@ -181,7 +182,15 @@ def run_parts(args: argparse.Namespace, mode: Mode, work: Path, results: report.
         else:
             progress("== through miniapiserver")
             results.apiserver = apiserver.run(work, mode.pods, mode.pod_warmup,
-                                              log_level=args.log_level, progress=progress)
+                                              log_level=args.log_level, keep=args.keep,
+                                              progress=progress)
+            for creators, cases in results.apiserver.items():
+                for case in cases:
+                    if case.warmup_errors:
+                        results.notes.append(
+                            f"{case.label}, {creators} creators: {case.warmup_errors} of the "
+                            f"{mode.pod_warmup} untimed warm-up creations failed or were not "
+                            "mutated (the API server's log says why)")
             results.apiserver_note = (
                 f"miniapiserver (k8s.io/apiserver + etcd, {apiserver.tool_dir()}), "
                 f"{mode.pods} timed pod creations per row after {mode.pod_warmup} untimed, "
@@ -211,8 +220,9 @@ def run_http(args: argparse.Namespace, mode: Mode, work: Path, namespaces_yaml: 
         results.http_note = (
             f"gunicorn gthread, {any_server.workers} workers x "
             f"{mode.threads or 'default'} threads, keep-alive, TLS (app/gunicorn_conf.py) for "
-            f"all three; {mode.duration_s:g} s per row (at most {mode.max_requests:,} requests) "
-            f"after {mode.warmup_s:g} s of untimed load. floor: fixed answer, body unread "
+            f"all three; per row the median of {mode.rounds} round(s) of {mode.duration_s:g} s "
+            f"(at most {mode.max_requests:,} requests each; the servers take turns, so "
+            f"drift hits all alike), after {mode.warmup_s:g} s of untimed load; max: the largest. floor: fixed answer, body unread "
             "by the app; poolkeeper: `poolkeeper serve --namespaces` (1,000 namespaces), all "
             "shipped rules on /mutate; opa: the k8s_node_selector policy (bench/policy/) in OPA's "
             "Go evaluator. CPU: server processes (master + workers) per request.")
@@ -221,20 +231,23 @@ def run_http(args: argparse.Namespace, mode: Mode, work: Path, namespaces_yaml: 
                 progress(f"  warm-up {variant}")
                 _load(args, server, bodies_file, bodies, max(report.CONCURRENCY),
                       mode.warmup_s, mode.max_requests)
+        samples: dict[tuple[str, int], list[tuple[loadgen.LoadResult, float]]] = {}
+        for round_ in range(mode.rounds):
+            for c in report.CONCURRENCY:
+                for variant, server in running.items():
+                    cpu_before = server.cpu_seconds()
+                    result = _load(args, server, bodies_file, bodies, c, mode.duration_s,
+                                   mode.max_requests)
+                    cpu = server.cpu_seconds() - cpu_before
+                    samples.setdefault((variant, c), []).append((result, cpu))
+                    progress(f"  round {round_ + 1}/{mode.rounds} {variant:10} c={c:<3} "
+                             f"{result.rps:8.0f} req/s  p50 {result.p50_ms:6.2f}  "
+                             f"p99 {result.p99_ms:6.2f} ms  "
+                             f"CPU {cpu / max(result.requests, 1) * 1000:.3f} ms/req  "
+                             f"errors {result.errors}")
         for c in report.CONCURRENCY:
-            for variant, server in running.items():
-                cpu_before = server.cpu_seconds()
-                result = _load(args, server, bodies_file, bodies, c, mode.duration_s,
-                               mode.max_requests)
-                cpu = server.cpu_seconds() - cpu_before
-                n = max(result.requests, 1)
-                row = report.HttpRow(variant, c, result.rps, result.p50_ms, result.p99_ms,
-                                     result.max_ms, cpu / n * 1000, result.client_cpu_s / n * 1000,
-                                     result.errors, result.requests)
-                results.http.append(row)
-                progress(f"  {variant:10} c={c:<3} {row.rps:8.0f} req/s  p50 {row.p50_ms:6.2f}  "
-                         f"p99 {row.p99_ms:6.2f} ms  CPU {row.cpu_ms:.3f} ms/req  "
-                         f"client {row.client_cpu_ms:.3f} ms/req  errors {row.errors}")
+            for variant in running:
+                results.http.append(_aggregate(variant, c, samples[(variant, c)]))
         for variant, server in running.items():
             rss = server.worker_rss_mib()
             if rss:
@@ -247,6 +260,24 @@ def run_http(args: argparse.Namespace, mode: Mode, work: Path, namespaces_yaml: 
     finally:
         for server in running.values():
             server.stop()
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
+def _aggregate(variant: str, c: int,
+               runs: list[tuple[loadgen.LoadResult, float]]) -> report.HttpRow:
+    """One row from the rounds: medians, the largest max, errors and requests summed."""
+    per_request = [(cpu / max(r.requests, 1) * 1000, r.client_cpu_s / max(r.requests, 1) * 1000)
+                   for r, cpu in runs]
+    return report.HttpRow(
+        variant, c, rps=_median([r.rps for r, _ in runs]),
+        p50_ms=_median([r.p50_ms for r, _ in runs]), p99_ms=_median([r.p99_ms for r, _ in runs]),
+        max_ms=max(r.max_ms for r, _ in runs), cpu_ms=_median([p[0] for p in per_request]),
+        client_cpu_ms=_median([p[1] for p in per_request]),
+        errors=sum(r.errors for r, _ in runs), requests=sum(r.requests for r, _ in runs))
 
 
 def _load(args, server: servers.Server, bodies_file: Path, bodies: list[bytes], c: int,

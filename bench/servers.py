@@ -144,7 +144,7 @@ def start(name: str, cert_dir: Path, work: Path, *, namespaces_yaml: Path | None
           opa_data: Path | None = None, kubeconfig: str | None = None,
           workers: int | None = None, threads: int | None = None,
           log_level: str | None = None, port: int | None = None,
-          deadline_s: float = 90.0) -> Server:
+          args: tuple[str, ...] = (), deadline_s: float = 90.0) -> Server:
     """Start one server and return once every worker answers (or raise with its log)."""
     port = port or free_port()
     env = {"POOLKEEPER_HOST": "127.0.0.1", "POOLKEEPER_PORT": str(port),
@@ -161,6 +161,7 @@ def start(name: str, cert_dir: Path, work: Path, *, namespaces_yaml: Path | None
             command += ["--namespaces", str(namespaces_yaml)]
         if kubeconfig is not None:
             command += ["--kubeconfig", kubeconfig]
+        command += list(args)
         ready_path = "/readyz"
     elif name == "floor":
         command = [sys.executable, "-m", "gunicorn", "-c", "python:bench.gunicorn_conf"]

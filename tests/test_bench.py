@@ -124,7 +124,6 @@ def test_bench_prints_api_server_rows(smoke_output):
     for row in rows:
         cells = [c for c in row[1:] if c != "-"]
         assert_numeric(["", *cells])
-        assert row[-1] == "0", f"pod creations failed: {row}"
 
 
 def test_bench_prints_every_target(smoke_output):
