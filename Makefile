@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 CERTS ?= .certs
 PYTEST_ARGS ?=
 
-.PHONY: run test venv certs clean bench
+.PHONY: run test venv certs clean bench kind-start kind-deploy integration logs kind-delete docker-e2e lock
 
 venv: $(STAMP)
 
@@ -46,6 +46,56 @@ $(BENCH_STAMP): $(STAMP)
 bench: $(BENCH_STAMP)
 	@bash bench/install-wrk.sh $(if $(filter python,$(BENCH_ARGS)),|| true)
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# Cluster (README "Deploying to a cluster"): kind with a pool1 and a pool2 worker, the image built
+# and loaded (tagged by its content, so a rebuilt image rolls the pods), installed by
+# integration/deploy.sh; `integration` runs integration/ against the current kubectl context.
+KIND ?= kind
+KIND_CLUSTER ?= poolkeeper
+KUBECTL ?= kubectl
+DOCKER ?= docker
+DEVCONTAINER_IMAGE ?= poolkeeper-devcontainer
+
+kind-start:
+	@$(KIND) get clusters 2>/dev/null | grep -qx '$(KIND_CLUSTER)' || \
+		$(KIND) create cluster --name $(KIND_CLUSTER) --config integration/kind-config.yaml --wait 180s
+	$(KUBECTL) config use-context kind-$(KIND_CLUSTER)
+
+kind-deploy: $(STAMP)
+	$(DOCKER) build -t poolkeeper:dev .
+	@tag=poolkeeper:dev-$$($(DOCKER) image inspect -f '{{.Id}}' poolkeeper:dev | sed 's/^sha256://' | cut -c1-12); \
+	$(DOCKER) tag poolkeeper:dev $$tag && \
+	$(KIND) load docker-image $$tag --name $(KIND_CLUSTER) && \
+	IMAGE=$$tag PYTHON=$(BIN)/python KUBECTL=$(KUBECTL) integration/deploy.sh deploy/overlays/kind
+
+integration: $(STAMP)
+	$(BIN)/python -m pytest -p no:cacheprovider integration $(PYTEST_ARGS)
+
+logs:
+	$(KUBECTL) -n poolkeeper-system logs -l app.kubernetes.io/name=poolkeeper --prefix --tail=200
+
+kind-delete:
+	$(KIND) delete cluster --name $(KIND_CLUSTER)
+
+# The whole flow inside the dev container (devcontainer/): the host's Docker builds and runs kind;
+# the container shares the host network, where kind publishes its API server on 127.0.0.1. It
+# runs as you (so files it writes in the checkout stay yours), with the socket's group.
+docker-e2e:
+	$(DOCKER) build -t $(DEVCONTAINER_IMAGE) devcontainer
+	$(DOCKER) run --rm --network host -v /var/run/docker.sock:/var/run/docker.sock \
+		--user "$$(id -u):$$(id -g)" --group-add "$$(stat -c %g /var/run/docker.sock)" \
+		-e HOME=/tmp/e2e-home -e VENV=/tmp/e2e-home/venv \
+		-v "$(CURDIR)":"$(CURDIR)" -w "$(CURDIR)" $(DEVCONTAINER_IMAGE) \
+		bash -c 'make kind-start kind-deploy integration; rc=$$?; make kind-delete; exit $$rc'
+
+# requirements.lock: the image's exact dependency versions, resolved afresh from setup.cfg.
+LOCK_VENV ?= /tmp/poolkeeper-lock-venv
+
+lock:
+	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install --quiet --disable-pip-version-check .
+	{ sed -n '/^#/p' requirements.lock; $(LOCK_VENV)/bin/pip freeze --exclude poolkeeper; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock
 
 clean:
 	rm -rf $(VENV) $(CERTS) .pytest_cache .hypothesis .coverage *.egg-info

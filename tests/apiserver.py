@@ -73,6 +73,16 @@ class MiniApiServer:
     def ca_file(self) -> Path:
         return self.dir / "certs/apiserver.crt"
 
+    def map_webhook_service(self, service: str, address: str) -> None:
+        """Route webhook calls for ``service`` ("NS/NAME" or "NS/NAME:PORT") to ``address``
+        ("127.0.0.1:PORT"), replacing an earlier mapping of it; the file is re-read per call."""
+        path = Path(self.env["WEBHOOK_SERVICE_FILE"])
+        lines = [line for line in path.read_text().splitlines()
+                 if line.strip() and line.split("=", 1)[0].strip() != service]
+        staged = path.with_name(path.name + ".new")
+        staged.write_text("".join(f"{line}\n" for line in [*lines, f"{service}={address}"]))
+        os.replace(staged, path)  # the API server never reads a half-written file
+
     def is_up(self) -> bool:
         return _ready(self.url, self.ca_file)
 
@@ -145,10 +155,12 @@ class MiniApiServer:
         return child
 
 
-def apiserver_fixture(name: str = "apiserver"):
-    """A session-scoped fixture yielding a running :class:`MiniApiServer`; skips without it."""
+def apiserver_fixture(name: str = "apiserver", scope: str = "session"):
+    """A fixture (session-scoped unless ``scope`` says otherwise) yielding a running
+    :class:`MiniApiServer`; skips without it. A module that registers webhooks takes its own,
+    module-scoped server, so its admission set-up touches no other test."""
 
-    @pytest.fixture(scope="session", name=name)
+    @pytest.fixture(scope=scope, name=name)
     def fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MiniApiServer]:
         if not (TOOL / "bin/miniapiserver").exists():
             pytest.skip(f"miniapiserver not found at {TOOL} (build it with its build.sh, "

@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Installs or upgrades poolkeeper in the cluster of the current kubectl context, with its serving
+# certificate; run again at any time (it is idempotent) and it renews the certificate when it is
+# within 30 days of expiry, without downtime. `make kind-deploy` runs it.
+#
+#   integration/deploy.sh [KUSTOMIZATION]      default: deploy (the base); e.g. deploy/overlays/kind
+#
+# Environment:
+#   IMAGE=REF     run this image instead of the manifests' poolkeeper image
+#   ROTATE=1      replace the certificate now, even if it is still good
+#   PYTHON        a Python with poolkeeper installed (default: .venv/bin/python)
+#   KUBECTL       default: kubectl
+#
+# Steps:
+#   1. The namespace, then the current pair from Secret poolkeeper-tls (if any). `poolkeeper
+#      certs` keeps it when it is good, else makes a new CA and pair (ROTATE=1: always).
+#   2. Fresh install: the Secret, the workload, wait for the rollout, then the webhook
+#      configuration (caBundle = the CA) and the ValidatingAdmissionPolicy. A webhook
+#      configuration applied before its pods are ready would fail pod creation in pooled
+#      namespaces; the policy without the webhook would deny every pod that does not pin itself.
+#   3. Rotation (a new CA): the webhook configuration first trusts the old and the new CA; then
+#      the Secret gets the new pair and the Deployment rolls (maxUnavailable 0, PDB): every pod
+#      serves the new pair; then the caBundle drops the old CA. No review fails at any point.
+#   4. Kept pair: the manifests are applied as they are now (an upgrade), caBundle unchanged.
+# Without cert-manager only; with it, use `kubectl apply -k deploy/overlays/cert-manager`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+KUSTOMIZATION=${1:-deploy}
+NAMESPACE=poolkeeper-system
+SERVICE=poolkeeper
+SECRET=poolkeeper-tls
+DEPLOYMENT=poolkeeper
+KUBECTL=${KUBECTL:-kubectl}
+PYTHON=${PYTHON:-.venv/bin/python}
+ROLLOUT_TIMEOUT=${ROLLOUT_TIMEOUT:-180s}
+# The API servers pick a changed webhook configuration up from their watch within about a
+# second; nothing outside them shows when, so the rotation waits this long for it.
+WEBHOOK_PROPAGATION_SECONDS=${WEBHOOK_PROPAGATION_SECONDS:-5}
+
+say() { echo "deploy.sh: $*" >&2; }
+kc() { "$KUBECTL" "$@"; }
+
+command -v "$KUBECTL" >/dev/null || { say "$KUBECTL not found"; exit 2; }
+"$PYTHON" -c 'import app' 2>/dev/null || { say "$PYTHON cannot import poolkeeper: run make venv"; exit 2; }
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+mkdir -p "$work/current" "$work/next"
+
+render() {  # render PART CA_FILE... -> stdout
+  local part=$1; shift
+  local args=(--part "$part")
+  for ca in "$@"; do args+=(--ca-file "$ca"); done
+  [[ -n ${IMAGE:-} ]] && args+=(--image "poolkeeper=$IMAGE")
+  "$PYTHON" integration/manifests.py "$KUSTOMIZATION" "${args[@]}"
+}
+
+apply_workload() {
+  render workload "$@" | kc apply -f -
+  kc -n "$NAMESPACE" rollout status "deployment/$DEPLOYMENT" --timeout "$ROLLOUT_TIMEOUT"
+}
+
+apply_admission() { render admission "$@" | kc apply -f -; }
+
+store_secret() {  # store_secret DIR
+  kc -n "$NAMESPACE" create secret generic "$SECRET" --type kubernetes.io/tls \
+    --from-file "tls.crt=$1/tls.crt" --from-file "tls.key=$1/tls.key" \
+    --from-file "ca.crt=$1/ca.crt" --dry-run=client -o yaml \
+    | kc label --local -f - app.kubernetes.io/name=poolkeeper -o yaml \
+    | kc apply -f -
+}
+
+say "context $(kc config current-context), kustomization $KUSTOMIZATION"
+kc get namespace "$NAMESPACE" >/dev/null 2>&1 || kc create namespace "$NAMESPACE"
+
+have_current=false
+if kc -n "$NAMESPACE" get secret "$SECRET" >/dev/null 2>&1; then
+  have_current=true
+  for key in ca.crt tls.crt tls.key; do
+    kc -n "$NAMESPACE" get secret "$SECRET" -o "jsonpath={.data.${key//./\\.}}" \
+      | base64 -d >"$work/current/$key"
+    cp "$work/current/$key" "$work/next/$key"
+  done
+fi
+force=()
+[[ ${ROTATE:-} == 1 ]] && force=(--force)
+"$PYTHON" -m app certs --out "$work/next" --service "$SERVICE" --namespace "$NAMESPACE" \
+  "${force[@]}" >/dev/null
+
+if ! $have_current; then
+  say "installing with a new certificate"
+  store_secret "$work/next"
+  apply_workload "$work/next/ca.crt"
+  apply_admission "$work/next/ca.crt"
+elif cmp -s "$work/current/ca.crt" "$work/next/ca.crt"; then
+  say "certificate kept; applying the manifests"
+  apply_workload "$work/current/ca.crt"
+  apply_admission "$work/current/ca.crt"
+else
+  say "rotating the certificate"
+  apply_admission "$work/current/ca.crt" "$work/next/ca.crt"
+  sleep "$WEBHOOK_PROPAGATION_SECONDS"
+  store_secret "$work/next"
+  apply_workload "$work/current/ca.crt" "$work/next/ca.crt"
+  kc -n "$NAMESPACE" rollout restart "deployment/$DEPLOYMENT"
+  kc -n "$NAMESPACE" rollout status "deployment/$DEPLOYMENT" --timeout "$ROLLOUT_TIMEOUT"
+  apply_admission "$work/next/ca.crt"
+fi
+say "done: $(kc -n "$NAMESPACE" get deployment "$DEPLOYMENT" \
+  -o jsonpath='{.status.readyReplicas}/{.spec.replicas}') replicas ready"

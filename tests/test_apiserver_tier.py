@@ -1,0 +1,483 @@
+"""The apiserver tier: a real Kubernetes API server calls poolkeeper through deploy/'s own objects.
+
+etcd + miniapiserver (k8s.io/apiserver with its real MutatingAdmissionWebhook,
+ValidatingAdmissionPolicy and MutatingAdmissionPolicy plugins; not kube-apiserver: no scheduler,
+no controllers, see ../shared/tools/miniapiserver/README.md), and `poolkeeper serve` over TLS with
+the pair `poolkeeper certs --service poolkeeper --namespace poolkeeper-system` writes, reading
+namespaces from that API server. The base rendered from deploy/ (integration/manifests.py, as
+integration/deploy.sh does) is applied with the generated caBundle; the server runs the rules of
+the applied ConfigMap; the Service is mapped to the server's loopback port. Every request below
+goes through the kubernetes client and the API server: the scenarios of integration/ that need
+no scheduler or controller.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import kubernetes.client
+import kubernetes.dynamic
+import pytest
+from kubernetes.client.rest import ApiException
+from kubernetes.dynamic.exceptions import ResourceNotFoundError
+
+from app.admission import admit
+from app.kube import load_api_client
+from integration.manifests import DEPLOY, kubectl, listed_files, render, with_ca_bundle
+
+from .apiserver import MiniApiServer, apiserver_fixture
+from .server import Server, start_server
+from .support import ROOT, make_request, shipped_rules
+
+pytestmark = pytest.mark.apiserver
+
+tier_apiserver = apiserver_fixture("tier_apiserver", scope="module")
+
+SERVICE = "poolkeeper-system/poolkeeper:443"  # what every webhook's clientConfig.service names
+MWC = "poolkeeper"
+POLICY = "poolkeeper-pod-placement"
+DEADLINE = 30.0  # seconds any eventual condition may take; conditions are polled, never slept on
+# Objects the API server applies asynchronously (webhook configurations, policies, namespace
+# labels seen by policies) are probed with dry-run requests until they take effect.
+
+
+def wait_for(probe: Callable[[], object], what: str, timeout: float = DEADLINE):
+    deadline = time.monotonic() + timeout
+    while True:
+        result = probe()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.1)
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def pod(name: str, *, labels: dict | None = None, selector: dict | None = None,
+        limits: dict | None = None, annotations: dict | None = None) -> dict:
+    container: dict = {"name": "app", "image": "busybox:1.36"}
+    if limits:
+        container["resources"] = {"limits": dict(limits)}
+    spec: dict = {"containers": [container]}
+    if selector is not None:
+        spec["nodeSelector"] = dict(selector)
+    metadata: dict = {"name": name, "labels": dict(labels or {})}
+    if annotations:
+        metadata["annotations"] = dict(annotations)
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec}
+
+
+def status_message(exc: ApiException) -> str:
+    return json.loads(exc.body)["message"]
+
+
+@dataclass
+class Tier:
+    """The API server, poolkeeper serving it, and the clients the tests use."""
+
+    apiserver: MiniApiServer
+    api: kubernetes.client.ApiClient
+    dynamic: kubernetes.dynamic.DynamicClient
+    objects: list[dict]  # the rendered base, caBundle set
+    cert_dir: Path
+    rules_dir: Path
+    log_dir: Path
+    server: Server | None = None
+    not_served: list[str] = field(default_factory=list)  # kinds miniapiserver does not serve
+    pool1: str = ""  # a namespace labelled agentpool=pool1
+    plain: str = ""  # a namespace without a pool label
+    starts: int = 0
+
+    @property
+    def core(self) -> kubernetes.client.CoreV1Api:
+        return kubernetes.client.CoreV1Api(self.api)
+
+    @property
+    def apps(self) -> kubernetes.client.AppsV1Api:
+        return kubernetes.client.AppsV1Api(self.api)
+
+    @property
+    def admission(self) -> kubernetes.client.AdmissionregistrationV1Api:
+        return kubernetes.client.AdmissionregistrationV1Api(self.api)
+
+    def object(self, kind: str) -> dict:
+        (obj,) = [o for o in self.objects if o["kind"] == kind]
+        return obj
+
+    def create(self, obj: dict) -> None:
+        """Create ``obj`` as `kubectl create` would, whatever its kind."""
+        try:
+            resource = self.dynamic.resources.get(api_version=obj["apiVersion"], kind=obj["kind"])
+        except ResourceNotFoundError:
+            self.not_served.append(obj["kind"])
+            return
+        resource.create(body=obj, namespace=obj["metadata"].get("namespace"))
+
+    def start_server(self) -> None:
+        """`poolkeeper serve` on a free port, ready (first namespace listing done), mapped as the
+        webhooks' Service."""
+        if self.server is not None:
+            self.server.stop()  # never two at once
+        self.starts += 1
+        self.server = start_server(self.cert_dir, self.log_dir / f"serve-{self.starts}.log",
+                                   "--kubeconfig", self.apiserver.kubeconfig,
+                                   "--rules", str(self.rules_dir))
+        self.apiserver.map_webhook_service(SERVICE, f"127.0.0.1:{self.server.port}")
+
+    def ensure_webhook(self) -> None:
+        """poolkeeper serving and its webhook configuration active, whatever a test left."""
+        if self.server is None or self.server.process.poll() is not None:
+            self.start_server()
+        try:
+            self.admission.read_mutating_webhook_configuration(MWC)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            self.create(self.object("MutatingWebhookConfiguration"))
+        wait_for(self.webhook_pins_pods, "the placement webhook to pin a dry-run pod")
+
+    def webhook_pins_pods(self) -> bool:
+        try:
+            created = self.core.create_namespaced_pod(self.pool1, pod(unique("probe")),
+                                                      dry_run="All")
+        except ApiException as exc:
+            # 500: the API server cannot reach poolkeeper yet; the policy's 403: it does not
+            # call the webhook configuration just created yet.
+            if exc.status == 500 or (exc.status == 403 and POLICY in status_message(exc)):
+                return False
+            raise
+        return (created.spec.node_selector or {}).get("agentpool") == "pool1"
+
+    def admissions(self, name: str) -> list[dict]:
+        """poolkeeper's log lines (one per review) about objects called ``name``."""
+        lines = []
+        for path in sorted(self.log_dir.glob("serve-*.log")):
+            for line in path.read_text(errors="replace").splitlines():
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue
+                if entry.get("logger") == "poolkeeper.admission" and entry.get("name") == name:
+                    lines.append(entry)
+        return lines
+
+
+@pytest.fixture(scope="module")
+def tier(tier_apiserver: MiniApiServer, tmp_path_factory: pytest.TempPathFactory):
+    apiserver = tier_apiserver
+    base = tmp_path_factory.mktemp("tier")
+    cert_dir, rules_dir, log_dir = base / "tls", base / "rules", base / "logs"
+    rules_dir.mkdir()
+    log_dir.mkdir()
+    certs = subprocess.run([sys.executable, "-m", "app", "certs", "--out", str(cert_dir),
+                            "--service", "poolkeeper", "--namespace", "poolkeeper-system"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
+    objects = render(DEPLOY) if kubectl() else listed_files(DEPLOY)
+    objects = with_ca_bundle(objects, certs.stdout.strip())
+
+    api = load_api_client(apiserver.kubeconfig)
+    dynamic = kubernetes.dynamic.DynamicClient(api, cache_file=str(base / "discovery.json"))
+    tier = Tier(apiserver, api, dynamic, objects, cert_dir, rules_dir, log_dir)
+    try:
+        admission_kinds = ("MutatingWebhookConfiguration", "ValidatingAdmissionPolicy",
+                           "ValidatingAdmissionPolicyBinding")
+        for obj in sorted(objects, key=lambda o: o["kind"] != "Namespace"):
+            if obj["kind"] not in admission_kinds:
+                tier.create(obj)
+        # The server runs the rules of the ConfigMap the Deployment mounts (the shipped rules/
+        # without kubectl, which generates that ConfigMap).
+        rules = {path.name: path.read_text() for path in (ROOT / "rules").glob("*.yaml")}
+        if any(o["kind"] == "ConfigMap" for o in objects):
+            rules = tier.core.read_namespaced_config_map("poolkeeper-rules",
+                                                         "poolkeeper-system").data
+        for name, text in rules.items():
+            (rules_dir / name).write_text(text)
+        tier.start_server()
+        for kind in admission_kinds:
+            tier.create(tier.object(kind))
+
+        tier.pool1, tier.plain = unique("team-pool1"), unique("team-plain")
+        tier.core.create_namespace({"metadata": {"name": tier.pool1,
+                                                 "labels": {"agentpool": "pool1"}}})
+        tier.core.create_namespace({"metadata": {"name": tier.plain}})
+        tier.ensure_webhook()
+        yield tier
+    finally:
+        if tier.server is not None:
+            tier.server.stop()
+        api.close()
+
+
+@pytest.fixture
+def live(tier: Tier) -> Tier:
+    tier.ensure_webhook()
+    return tier
+
+
+def test_tier_base_is_accepted_by_the_api_server(tier: Tier):
+    # Everything in deploy/ that miniapiserver serves was created; it has no policy/v1.
+    assert set(tier.not_served) <= {"PodDisruptionBudget"}, tier.not_served
+    mwc = tier.admission.read_mutating_webhook_configuration(MWC)
+    assert [w.name for w in mwc.webhooks] == ["placement.poolkeeper.io", "defaults.poolkeeper.io",
+                                             "namespaces.poolkeeper.io"]
+    deployment = tier.apps.read_namespaced_deployment("poolkeeper", "poolkeeper-system")
+    assert deployment.spec.replicas == 3
+
+
+def test_tier_pod_in_pool1_namespace_is_pinned_and_defaulted(live: Tier):
+    name = unique("web")
+    body = pod(name, labels={"platform": "true"}, selector={"kubernetes.io/os": "linux"},
+               limits={"cpu": "500m", "memory": "64Mi"})
+    created = live.core.create_namespaced_pod(live.pool1, body)
+
+    assert created.spec.node_selector == {"kubernetes.io/os": "linux", "agentpool": "pool1"}
+    (container,) = created.spec.containers
+    assert container.resources.limits == {"memory": "64Mi"}  # cpu limit removed, memory kept
+    assert container.image_pull_policy == "Always"  # the API server defaulted IfNotPresent
+    stored = live.core.read_namespaced_pod(name, live.pool1)
+    assert stored.spec.node_selector == created.spec.node_selector
+
+    other = live.core.create_namespaced_pod(live.pool1, pod(unique("web")))
+    assert other.spec.containers[0].image_pull_policy == "IfNotPresent"  # not platform=true
+    assert other.spec.node_selector == {"agentpool": "pool1"}
+
+
+def test_tier_pod_asking_for_other_pool_is_denied_with_the_message(live: Tier):
+    name = unique("web")
+    body = pod(name, selector={"agentpool": "pool2"})
+    with pytest.raises(ApiException) as caught:
+        live.core.create_namespaced_pod(live.pool1, body)
+
+    labels = live.core.read_namespace(live.pool1).metadata.labels
+    request = make_request({**body, "metadata": {**body["metadata"], "namespace": live.pool1}},
+                           namespace=live.pool1)
+    decision = admit(request, lambda ns: labels if ns == live.pool1 else None, shipped_rules())
+    assert not decision.response.allowed
+    assert caught.value.status == 403
+    assert status_message(caught.value) == (
+        'admission webhook "placement.poolkeeper.io" denied the request: '
+        + decision.response.message)
+    assert ('pod spec.nodeSelector.agentpool is "pool2", but namespace '
+            f'"{live.pool1}" is pinned to node pool "pool1"') in status_message(caught.value)
+    with pytest.raises(ApiException) as missing:
+        live.core.read_namespaced_pod(name, live.pool1)
+    assert missing.value.status == 404
+
+
+def test_tier_kube_system_and_unlabelled_namespaces_are_not_pinned(live: Tier):
+    # Even labelled with a pool, kube-system is excluded by name (webhooks, policy and rules).
+    live.core.patch_namespace("kube-system", {"metadata": {"labels": {"agentpool": "pool1"}}})
+    try:
+        body = pod(unique("dns"), labels={"platform": "true"}, limits={"cpu": "1"})
+        system = live.core.create_namespaced_pod("kube-system", body)
+        assert system.spec.node_selector is None
+        assert system.spec.containers[0].resources.limits == {"cpu": "1"}
+        assert system.spec.containers[0].image_pull_policy == "IfNotPresent"
+    finally:
+        live.core.patch_namespace("kube-system",
+                                  {"metadata": {"labels": {"agentpool": None}}})
+
+    # No pool label: no placement. The defaults are not placement: they apply everywhere but
+    # the system namespaces.
+    plain = live.core.create_namespaced_pod(live.plain, pod(unique("web"),
+                                                            limits={"cpu": "1"}))
+    assert plain.spec.node_selector is None
+    assert plain.spec.containers[0].resources.limits is None
+
+
+def test_tier_new_namespace_gets_type_and_systemid_labels(live: Tier):
+    systemid = f"{random.randrange(10**5):05d}"
+    name = f"{systemid}-{uuid.uuid4().hex[:6]}-dev"
+    created = live.core.create_namespace({"metadata": {"name": name,
+                                                       "labels": {"type": "other"}}})
+    labels = created.metadata.labels
+    assert labels["type"] == "user-workload"  # overwritten, as documented
+    assert labels["systemid"] == systemid
+    assert live.core.read_namespace(name).metadata.labels == labels
+
+
+def test_tier_dry_run_shows_the_mutation_and_persists_nothing(live: Tier):
+    name = unique("web")
+    shown = live.core.create_namespaced_pod(live.pool1, pod(name, limits={"cpu": "1"}),
+                                            dry_run="All")
+    assert shown.spec.node_selector == {"agentpool": "pool1"}
+    assert shown.spec.containers[0].resources.limits is None
+    with pytest.raises(ApiException) as missing:
+        live.core.read_namespaced_pod(name, live.pool1)
+    assert missing.value.status == 404
+
+    ns_name = f"{random.randrange(10**5):05d}-{uuid.uuid4().hex[:6]}-test"
+    shown_ns = live.core.create_namespace({"metadata": {"name": ns_name}}, dry_run="All")
+    assert shown_ns.metadata.labels["type"] == "user-workload"
+    with pytest.raises(ApiException) as missing:
+        live.core.read_namespace(ns_name)
+    assert missing.value.status == 404
+    # poolkeeper saw them as dry runs (it sends no Events for those: sideEffects NoneOnDryRun).
+    assert {entry["dryRun"] for entry in live.admissions(name)} == {True}
+
+
+def test_tier_daemonset_template_is_pinned_and_cannot_move(live: Tier):
+    name = unique("agent")
+    labels = {"app": name}
+    daemonset = {
+        "apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": name},
+        "spec": {"selector": {"matchLabels": labels},
+                 "template": {"metadata": {"labels": labels},
+                              "spec": {"containers": [{"name": "agent",
+                                                       "image": "busybox:1.36"}]}}}}
+    created = live.apps.create_namespaced_daemon_set(live.pool1, daemonset)
+    assert created.spec.template.spec.node_selector == {"agentpool": "pool1"}
+
+    with pytest.raises(ApiException) as caught:
+        live.apps.patch_namespaced_daemon_set(
+            name, live.pool1, {"spec": {"template": {"spec": {
+                "nodeSelector": {"agentpool": "pool2"}}}}})
+    assert caught.value.status == 403
+    assert '"pool2"' in status_message(caught.value)
+    stored = live.apps.read_namespaced_daemon_set(name, live.pool1)
+    assert stored.spec.template.spec.node_selector == {"agentpool": "pool1"}
+
+
+def test_tier_reinvocation_repins_a_pod_a_later_mutation_unpinned(live: Tier):
+    # A MutatingAdmissionPolicy (standing in for any later webhook or policy) strips the pool key
+    # from pods labelled strip-pool. Because placement has reinvocationPolicy IfNeeded, the API
+    # server calls it again after the strip, and the pod is stored pinned.
+    strip = {
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingAdmissionPolicy",
+        "metadata": {"name": "test-strip-pool"},
+        "spec": {
+            "failurePolicy": "Fail", "reinvocationPolicy": "IfNeeded",
+            "matchConstraints": {"resourceRules": [{
+                "apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"],
+                "resources": ["pods"]}]},
+            "matchConditions": [{"name": "labelled", "expression":
+                                 "has(object.metadata.labels) && "
+                                 "'strip-pool' in object.metadata.labels"}],
+            "mutations": [{"patchType": "JSONPatch", "jsonPatch": {"expression": (
+                "has(object.spec.nodeSelector) && 'agentpool' in object.spec.nodeSelector"
+                " ? [JSONPatch{op: 'remove', path: '/spec/nodeSelector/agentpool'}] : []")}}]}}
+    binding = {"apiVersion": "admissionregistration.k8s.io/v1",
+               "kind": "MutatingAdmissionPolicyBinding",
+               "metadata": {"name": "test-strip-pool"},
+               "spec": {"policyName": "test-strip-pool"}}
+    live.create(strip)
+    live.create(binding)
+    try:
+        def strips() -> bool:  # the policy is in force: it strips in a namespace without a pool
+            shown = live.core.create_namespaced_pod(
+                live.plain, pod(unique("probe"), labels={"strip-pool": "yes"},
+                                selector={"agentpool": "elsewhere"}), dry_run="All")
+            return not shown.spec.node_selector
+
+        wait_for(strips, "the test MutatingAdmissionPolicy to take effect")
+        name = unique("web")
+        created = live.core.create_namespaced_pod(live.pool1,
+                                                  pod(name, labels={"strip-pool": "yes"}))
+        assert created.spec.node_selector == {"agentpool": "pool1"}
+        placements = [e for e in live.admissions(name)
+                      if e["rules"] == ["agentpool-node-selector"]]
+        assert [e["decision"] for e in placements] == ["patched", "patched"]
+    finally:
+        for kind, obj in (("mutating_admission_policy_binding", binding),
+                          ("mutating_admission_policy", strip)):
+            getattr(live.admission, f"delete_{kind}")(obj["metadata"]["name"])
+
+
+def test_tier_mirror_pods_are_left_alone(live: Tier):
+    # matchConditions skip mirror pods in the webhooks and in the policy.
+    name = unique("static")
+    created = live.core.create_namespaced_pod(
+        live.pool1, pod(name, limits={"cpu": "1"},
+                        annotations={"kubernetes.io/config.mirror": "0123456789abcdef"}))
+    assert created.spec.node_selector is None
+    assert created.spec.containers[0].resources.limits == {"cpu": "1"}
+    assert live.admissions(name) == []
+
+
+def test_tier_webhook_down_placement_fails_closed_defaults_and_namespaces_fail_open(live: Tier):
+    live.server.stop()
+    try:
+        with pytest.raises(ApiException) as caught:
+            live.core.create_namespaced_pod(live.pool1, pod(unique("web")))
+        assert caught.value.status == 500
+        assert 'failed calling webhook "placement.poolkeeper.io"' in status_message(caught.value)
+
+        name = f"{random.randrange(10**5):05d}-{uuid.uuid4().hex[:6]}-prod"
+        namespace = live.core.create_namespace({"metadata": {"name": name}})
+        assert "type" not in namespace.metadata.labels  # created, unlabelled: failed open
+
+        plain = live.core.create_namespaced_pod(live.plain, pod(unique("web"),
+                                                                limits={"cpu": "1"}))
+        assert plain.spec.containers[0].resources.limits == {"cpu": "1"}  # failed open
+    finally:
+        live.ensure_webhook()
+
+
+def test_tier_admission_policy_denies_misplaced_pods_when_the_webhook_is_bypassed(live: Tier):
+    live.admission.delete_mutating_webhook_configuration(MWC)
+    try:
+        prefix = (f"ValidatingAdmissionPolicy '{POLICY}' with binding '{POLICY}' denied "
+                  "request: pod spec.nodeSelector.agentpool is ")
+
+        def denied_by_policy() -> str | None:  # once the API server has dropped the webhook
+            try:
+                live.core.create_namespaced_pod(live.pool1, pod("unpinned"), dry_run="All")
+            except ApiException as exc:
+                if exc.status == 403 and prefix in status_message(exc):
+                    return status_message(exc)
+                raise
+            return None
+
+        message = wait_for(denied_by_policy, "the webhook configuration to be removed")
+        assert message == (
+            f'pods "unpinned" is forbidden: {prefix}missing, but namespace "{live.pool1}" is '
+            'pinned to node pool "pool1" (namespace label agentpool=pool1); is the poolkeeper '
+            'webhook bypassed? Set that nodeSelector key to "pool1" (poolkeeper sets it when its '
+            'placement webhook runs)')
+        with pytest.raises(ApiException) as caught:
+            live.core.create_namespaced_pod(live.pool1,
+                                            pod(unique("web"), selector={"agentpool": "pool2"}))
+        assert caught.value.status == 403 and f'{prefix}"pool2"' in status_message(caught.value)
+        pinned = live.core.create_namespaced_pod(
+            live.pool1, pod(unique("web"), selector={"agentpool": "pool1"}))
+        assert pinned.spec.node_selector == {"agentpool": "pool1"}
+
+        # UPDATE: a pod from before its namespace was pooled keeps updating; moving it to another
+        # pool is denied. (kube-apiserver forbids changing a scheduled pod's nodeSelector anyway;
+        # miniapiserver does not check pod specs, which makes the policy's own rule visible.)
+        namespace = unique("team-later")
+        live.core.create_namespace({"metadata": {"name": namespace}})
+        older = unique("older")
+        live.core.create_namespaced_pod(namespace, pod(older))
+        live.core.patch_namespace(namespace, {"metadata": {"labels": {"agentpool": "pool1"}}})
+
+        def move_denied() -> bool:  # once the policy sees the new namespace label
+            try:
+                live.core.patch_namespaced_pod(
+                    older, namespace, {"spec": {"nodeSelector": {"agentpool": "pool2"}}},
+                    dry_run="All")
+            except ApiException as exc:
+                if exc.status == 403 and prefix in status_message(exc):
+                    return True
+                raise
+            return False
+
+        wait_for(move_denied, "the policy to see the namespace's pool label")
+        relabelled = live.core.patch_namespaced_pod(
+            older, namespace, {"metadata": {"labels": {"tier": "web"}}})
+        assert relabelled.metadata.labels == {"tier": "web"}
+        assert relabelled.spec.node_selector is None
+    finally:
+        live.ensure_webhook()

@@ -1,0 +1,417 @@
+"""deploy/: every manifest is valid Kubernetes, the base renders, and it says what issue 6 asks.
+
+Objects are validated with kubernetes-validate --strict (unknown fields fail) against a pinned
+Kubernetes version, and the base and overlays are rendered with `kubectl kustomize` where
+kubectl exists. deploy/monitoring/ belongs to tests/test_monitoring.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import subprocess
+import sys
+from configparser import ConfigParser
+from pathlib import Path
+
+import pytest
+import yaml
+from cryptography import x509
+
+from app.certs import serving_names
+from app.config import Settings
+from app.rules import WEBHOOKS, load_rules
+from integration.manifests import (DEPLOY, ca_bundle, kubectl, listed_files, render,
+                                   with_ca_bundle)
+
+from .support import ROOT
+
+kubernetes_validate = pytest.importorskip(
+    "kubernetes_validate", reason="kubernetes-validate is a test extra: pip install -e '.[test]'")
+
+# The Kubernetes version manifests are validated against (kubernetes-validate ships its schemas;
+# setup.cfg's range keeps one that has them). The base also needs 1.30 (ValidatingAdmissionPolicy
+# GA); the no-admission-policy overlay is for 1.28 and 1.29.
+KUBERNETES_VERSION = "1.36.0"
+BASE_MINIMUM = "1.30.0"
+NO_POLICY_MINIMUM = "1.28.0"
+
+OVERLAYS = sorted(p.parent.name for p in (DEPLOY / "overlays").glob("*/kustomization.yaml"))
+CRD_KINDS = {"Certificate", "Issuer"}  # cert-manager's: no schema in kubernetes-validate
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding",
+                  "MutatingWebhookConfiguration", "ValidatingAdmissionPolicy",
+                  "ValidatingAdmissionPolicyBinding"}
+SYSTEM_NAMESPACES = {"poolkeeper-system", "kube-system", "kube-public", "kube-node-lease"}
+PLAIN_FILES = sorted(p for p in DEPLOY.rglob("*.yaml")
+                     if p.name != "kustomization.yaml" and "monitoring" not in p.parts)
+
+needs_kubectl = pytest.mark.skipif(kubectl() is None,
+                                   reason="kubectl not found: `kubectl kustomize` renders deploy/")
+
+
+def validate(obj: dict, version: str = KUBERNETES_VERSION) -> None:
+    try:
+        kubernetes_validate.validate(obj, version, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        path = ".".join(str(p) for p in exc.path)
+        pytest.fail(f"{obj['kind']}/{obj['metadata']['name']} is not valid Kubernetes "
+                    f"{version}: {path}: {exc.message}")
+
+
+def base_objects() -> list[dict]:
+    """The base: rendered when kubectl exists, else its plain files (no rules ConfigMap)."""
+    return render(DEPLOY) if kubectl() else listed_files(DEPLOY)
+
+
+def by_kind(objects: list[dict], kind: str) -> dict:
+    (obj,) = [o for o in objects if o["kind"] == kind]
+    return obj
+
+
+@pytest.fixture(scope="module")
+def base() -> list[dict]:
+    return base_objects()
+
+
+@pytest.fixture(scope="module")
+def webhooks(base) -> dict[str, dict]:
+    config = by_kind(base, "MutatingWebhookConfiguration")
+    return {w["name"]: w for w in config["webhooks"]}
+
+
+def excluded_names(selector: dict) -> set[str]:
+    (requirement,) = [e for e in selector.get("matchExpressions", [])
+                      if e["key"] == "kubernetes.io/metadata.name"]
+    assert requirement["operator"] == "NotIn"
+    return set(requirement["values"])
+
+
+# -- validity --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", PLAIN_FILES, ids=lambda p: str(p.relative_to(DEPLOY)))
+def test_manifests_every_file_is_strictly_valid(path: Path):
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    assert docs, f"{path} holds no object"
+    for obj in docs:
+        if obj["kind"] in CRD_KINDS:
+            assert obj["apiVersion"] == "cert-manager.io/v1"
+            continue
+        validate(obj)
+
+
+def test_manifests_base_is_valid_on_its_minimum_version(base):
+    for obj in base:
+        validate(obj, BASE_MINIMUM)
+
+
+@needs_kubectl
+@pytest.mark.parametrize("directory", ["deploy", *(f"deploy/overlays/{o}" for o in OVERLAYS)])
+def test_manifests_kustomize_renders(directory: str):
+    objects = render(ROOT / directory)
+    kinds = [o["kind"] for o in objects]
+    for obj in objects:
+        if obj["kind"] not in CRD_KINDS:
+            validate(obj)
+        if obj["kind"] in CLUSTER_SCOPED:
+            assert "namespace" not in obj["metadata"], f"cluster-scoped {obj['kind']} has one"
+        else:
+            assert obj["metadata"].get("namespace") == "poolkeeper-system", obj["metadata"]
+        assert obj["metadata"]["labels"]["app.kubernetes.io/name"] == "poolkeeper"
+    assert kinds.count("MutatingWebhookConfiguration") == 1
+    assert {"Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap",
+            "Service", "Deployment", "PodDisruptionBudget"} <= set(kinds)
+    if directory.endswith("no-admission-policy"):
+        assert "ValidatingAdmissionPolicy" not in kinds
+        for obj in objects:
+            validate(obj, NO_POLICY_MINIMUM)
+    else:
+        assert {"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"} <= set(kinds)
+
+
+def test_manifests_overlays_are_the_documented_ones():
+    assert OVERLAYS == ["cert-manager", "kind", "no-admission-policy"]
+    readme = (ROOT / "README.md").read_text()
+    for overlay in OVERLAYS:
+        assert f"deploy/overlays/{overlay}" in readme
+
+
+# -- rules ConfigMap -------------------------------------------------------------------------------
+
+
+def test_manifests_rules_kustomization_lists_exactly_the_rule_files():
+    kustomization = yaml.safe_load((ROOT / "rules/Kustomization").read_text())
+    (generator,) = kustomization["configMapGenerator"]
+    assert generator["name"] == "poolkeeper-rules"
+    assert generator["namespace"] == "poolkeeper-system"
+    assert generator["options"]["disableNameSuffixHash"] is True
+    on_disk = sorted(p.name for p in (ROOT / "rules").glob("*.yaml"))
+    assert sorted(generator["files"]) == on_disk, (
+        "rules/Kustomization must list every rules/*.yaml (the cluster's ConfigMap is generated "
+        "from it)")
+
+
+@needs_kubectl
+def test_manifests_rules_configmap_holds_the_shipped_rules_and_loads(base, tmp_path):
+    configmap = by_kind(base, "ConfigMap")
+    assert configmap["metadata"]["name"] == "poolkeeper-rules"
+    shipped = {p.name: p.read_text() for p in (ROOT / "rules").glob("*.yaml")}
+    assert configmap["data"] == shipped
+    for name, text in configmap["data"].items():
+        (tmp_path / name).write_text(text)
+    assert [r.name for r in load_rules(tmp_path)] == sorted(p.removesuffix(".yaml")
+                                                             for p in shipped)
+
+
+# -- the webhook configuration ---------------------------------------------------------------------
+
+
+def test_manifests_webhooks_are_as_the_issue_says(webhooks):
+    assert list(webhooks) == ["placement.poolkeeper.io", "defaults.poolkeeper.io",
+                              "namespaces.poolkeeper.io"]
+    for name, webhook in webhooks.items():
+        path = webhook["clientConfig"]["service"]["path"]
+        assert path == f"/mutate/{name.split('.')[0]}"
+        assert path.removeprefix("/mutate/") in WEBHOOKS  # a path the app serves
+        assert webhook["clientConfig"]["service"] == {
+            "namespace": "poolkeeper-system", "name": "poolkeeper", "path": path, "port": 443}
+        assert "url" not in webhook["clientConfig"]
+        assert webhook["admissionReviewVersions"] == ["v1"]
+        assert webhook["sideEffects"] == "NoneOnDryRun"
+        assert webhook["timeoutSeconds"] == 3
+        assert webhook["reinvocationPolicy"] == "IfNeeded"
+        assert webhook["matchPolicy"] == "Equivalent"
+        assert "poolkeeper-system" in excluded_names(webhook["namespaceSelector"])
+        assert SYSTEM_NAMESPACES <= excluded_names(webhook["namespaceSelector"])
+    assert {n: w["failurePolicy"] for n, w in webhooks.items()} == {
+        "placement.poolkeeper.io": "Fail", "defaults.poolkeeper.io": "Ignore",
+        "namespaces.poolkeeper.io": "Ignore"}
+
+    def rules(webhook):
+        return {(tuple(r["apiGroups"]), tuple(r["apiVersions"]), tuple(r["resources"]),
+                 tuple(r["operations"])) for r in webhook["rules"]}
+
+    assert rules(webhooks["placement.poolkeeper.io"]) == {
+        (("",), ("v1",), ("pods",), ("CREATE", "UPDATE")),
+        (("apps",), ("v1",), ("daemonsets",), ("CREATE", "UPDATE"))}
+    assert rules(webhooks["defaults.poolkeeper.io"]) == {(("",), ("v1",), ("pods",),
+                                                          ("CREATE",))}
+    assert rules(webhooks["namespaces.poolkeeper.io"]) == {(("",), ("v1",), ("namespaces",),
+                                                            ("CREATE",))}
+    assert {"key": "agentpool", "operator": "Exists"} in \
+        webhooks["placement.poolkeeper.io"]["namespaceSelector"]["matchExpressions"]
+
+
+def test_manifests_placement_skips_mirror_pods(webhooks):
+    (condition,) = webhooks["placement.poolkeeper.io"]["matchConditions"]
+    assert "'kubernetes.io/config.mirror' in object.metadata.annotations" in \
+        condition["expression"]
+    assert condition["expression"].lstrip().startswith("!")
+
+
+def test_manifests_webhooks_send_each_rule_what_it_matches(webhooks):
+    """Every shipped rule's kinds and operations reach it through its own webhook, and each
+    webhook excludes at least the namespaces the rules served there exclude."""
+    resources = {"Pod": ("", "pods"), "DaemonSet": ("apps", "daemonsets"),
+                 "Namespace": ("", "namespaces")}
+    for rule in load_rules(ROOT / "rules"):
+        doc = yaml.safe_load((ROOT / "rules" / f"{rule.name}.yaml").read_text())
+        webhook = webhooks[f"{doc['webhook']}.poolkeeper.io"]
+        for kind in doc["match"]["kinds"]:
+            group, resource = resources[kind]
+            for operation in doc["match"]["operations"]:
+                assert any(group in r["apiGroups"] and resource in r["resources"]
+                           and operation in r["operations"] for r in webhook["rules"]), \
+                    (rule.name, kind, operation)
+        # A namespace the rule leaves alone is not sent to the webhook at all, so (placement
+        # failing closed) the control plane never waits on poolkeeper.
+        excluded = set(doc["match"].get("excludedNamespaces", SYSTEM_NAMESPACES))
+        assert excluded <= excluded_names(webhook["namespaceSelector"]), rule.name
+
+
+def test_manifests_serving_certificate_covers_the_service_the_webhooks_call(base, webhooks,
+                                                                            tmp_path):
+    result = subprocess.run([sys.executable, "-m", "app", "certs", "--out", str(tmp_path),
+                             "--service", "poolkeeper", "--namespace", "poolkeeper-system"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
+    cert = x509.load_pem_x509_certificate((tmp_path / "tls.crt").read_bytes())
+    sans = cert.extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    service = by_kind(base, "Service")
+    for webhook in webhooks.values():
+        ref = webhook["clientConfig"]["service"]
+        assert (ref["name"], ref["namespace"]) == (service["metadata"]["name"],
+                                                   service["metadata"]["namespace"])
+        assert f"{ref['name']}.{ref['namespace']}.svc" in sans  # the API server's server name
+    # The caBundle integration/deploy.sh sets is the CA `poolkeeper certs` printed.
+    assert ca_bundle(tmp_path / "ca.crt") == result.stdout.strip()
+    (rendered,) = [o for o in with_ca_bundle(base, result.stdout.strip())
+                   if o["kind"] == "MutatingWebhookConfiguration"]
+    for webhook in rendered["webhooks"]:
+        assert base64.b64decode(webhook["clientConfig"]["caBundle"]) == \
+            (tmp_path / "ca.crt").read_bytes()
+
+
+def test_manifests_cert_manager_certificate_has_the_same_names():
+    docs = list(yaml.safe_load_all(
+        (DEPLOY / "overlays/cert-manager/certificates.yaml").read_text()))
+    (serving,) = [d for d in docs if d["kind"] == "Certificate" and not d["spec"].get("isCA")]
+    assert serving["spec"]["secretName"] == "poolkeeper-tls"
+    assert serving["spec"]["dnsNames"] == serving_names("poolkeeper", "poolkeeper-system")
+    kustomization = (DEPLOY / "overlays/cert-manager/kustomization.yaml").read_text()
+    ns, name = serving["metadata"]["namespace"], serving["metadata"]["name"]
+    assert f"cert-manager.io/inject-ca-from: {ns}/{name}" in kustomization
+
+
+# -- the workload ----------------------------------------------------------------------------------
+
+
+def test_manifests_service_maps_443_to_the_https_port(base):
+    service = by_kind(base, "Service")
+    (port,) = service["spec"]["ports"]
+    assert (port["name"], port["port"], port["targetPort"]) == ("https", 443, "https")
+    pod = by_kind(base, "Deployment")["spec"]["template"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    (container,) = pod["spec"]["containers"]
+    assert {"name": "https", "containerPort": 8443, "protocol": "TCP"} in container["ports"]
+    monitor = DEPLOY / "monitoring/servicemonitor.yaml"
+    if monitor.exists():  # what deploy/monitoring scrapes must exist here
+        doc = yaml.safe_load(monitor.read_text())
+        assert doc["spec"]["endpoints"][0]["port"] == port["name"]
+        assert doc["spec"]["endpoints"][0]["tlsConfig"]["ca"]["secret"]["name"] == \
+            tls_secret(base)
+
+
+def tls_secret(base) -> str:
+    volumes = by_kind(base, "Deployment")["spec"]["template"]["spec"]["volumes"]
+    (volume,) = [v for v in volumes if v["name"] == "tls"]
+    return volume["secret"]["secretName"]
+
+
+def test_manifests_deployment_is_highly_available(base):
+    deployment = by_kind(base, "Deployment")
+    spec = deployment["spec"]
+    assert spec["replicas"] == 3
+    assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    pdb = by_kind(base, "PodDisruptionBudget")
+    assert pdb["spec"]["minAvailable"] == 2
+    labels = spec["template"]["metadata"]["labels"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    (spread, *_) = spec["template"]["spec"]["topologySpreadConstraints"]
+    assert spread["topologyKey"] == "kubernetes.io/hostname"
+    assert spread["whenUnsatisfiable"] == "DoNotSchedule" and spread["maxSkew"] == 1
+    assert spread["labelSelector"]["matchLabels"].items() <= labels.items()
+
+
+def test_manifests_deployment_probes_and_resources(base):
+    pod = by_kind(base, "Deployment")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+        get = container[probe]["httpGet"]
+        assert (get["path"], get["port"], get["scheme"]) == (path, "https", "HTTPS")
+    resources = container["resources"]
+    assert {"cpu", "memory"} <= set(resources["requests"])
+    assert set(resources["limits"]) == {"memory"}  # no CPU limit: throttling means timeouts
+    assert resources["limits"]["memory"] == resources["requests"]["memory"]
+
+
+def test_manifests_deployment_is_locked_down(base):
+    pod = by_kind(base, "Deployment")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    # One token, projected and short-lived, for the namespace watch and events; none by default.
+    assert pod["automountServiceAccountToken"] is False
+    assert by_kind(base, "ServiceAccount")["automountServiceAccountToken"] is False
+    (token,) = [v for v in pod["volumes"] if v["name"] == "kube-api-access"]
+    sources = token["projected"]["sources"]
+    assert sources[0]["serviceAccountToken"]["expirationSeconds"] <= 3600
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["kube-api-access"]["mountPath"] == \
+        "/var/run/secrets/kubernetes.io/serviceaccount"  # where app/kube.py reads it
+    assert all(m.get("readOnly") for n, m in mounts.items() if n != "tmp")
+
+
+def test_manifests_deployment_settings_match_its_mounts(base):
+    pod = by_kind(base, "Deployment")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    known = {f"POOLKEEPER_{f.upper()}" for f in Settings.__dataclass_fields__}
+    assert {n for n in env if n.startswith("POOLKEEPER_")} <= known
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert env["POOLKEEPER_CERT_DIR"] == mounts["tls"]
+    assert volumes["tls"]["secret"]["secretName"] == "poolkeeper-tls"
+    assert env["POOLKEEPER_RULES_DIR"] == mounts["rules"]
+    assert volumes["rules"]["configMap"]["name"] == "poolkeeper-rules"
+    # gunicorn's default worker count follows the node's cores, not the container's share.
+    assert int(env["POOLKEEPER_WORKERS"]) >= 2
+    assert env["PROMETHEUS_MULTIPROC_DIR"].startswith(mounts["tmp"] + "/")  # writable
+
+
+def test_manifests_cluster_role_grants_only_what_is_used(base):
+    role = by_kind(base, "ClusterRole")
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]}]
+    binding = by_kind(base, "ClusterRoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "poolkeeper",
+                                    "namespace": "poolkeeper-system"}]
+    assert by_kind(base, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == \
+        "poolkeeper"
+
+
+def test_manifests_admission_policy_matches_the_placement_webhook_and_rule(base, webhooks):
+    policy = by_kind(base, "ValidatingAdmissionPolicy")
+    constraints = policy["spec"]["matchConstraints"]
+    assert constraints["namespaceSelector"] == \
+        webhooks["placement.poolkeeper.io"]["namespaceSelector"]
+    (rule,) = constraints["resourceRules"]
+    assert (rule["resources"], rule["operations"]) == (["pods"], ["CREATE", "UPDATE"])
+    variables = {v["name"]: v["expression"] for v in policy["spec"]["variables"]}
+    params = yaml.safe_load((ROOT / "rules/agentpool-node-selector.yaml").read_text())["params"]
+    assert variables["namespaceLabelKey"] == repr(params["namespaceLabelKey"])
+    assert variables["nodeLabelKey"] == repr(params["nodeLabelKey"])
+    assert policy["spec"]["failurePolicy"] == "Fail"
+    assert "kubernetes.io/config.mirror" in policy["spec"]["matchConditions"][0]["expression"]
+    binding = by_kind(base, "ValidatingAdmissionPolicyBinding")
+    assert binding["spec"] == {"policyName": policy["metadata"]["name"],
+                               "validationActions": ["Deny"]}
+
+
+# -- the image -------------------------------------------------------------------------------------
+
+
+def test_manifests_image_lock_pins_every_runtime_dependency_within_setup_cfg():
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    setup = ConfigParser()
+    setup.read(ROOT / "setup.cfg")
+    wanted = [Requirement(line) for line in
+              setup["options"]["install_requires"].strip().splitlines()]
+    pins = {}
+    for line in (ROOT / "requirements.lock").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            assert version, f"requirements.lock: {line!r} is not pinned with =="
+            pins[canonicalize_name(name)] = version
+    for requirement in wanted:
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"requirements.lock lacks {requirement.name}: run `make lock`"
+        assert requirement.specifier.contains(pins[name]), (
+            f"requirements.lock pins {name}=={pins[name]}, setup.cfg wants {requirement}: "
+            "run `make lock`")
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "requirements.lock" in dockerfile
+    assert re.search(r"^USER \d+", dockerfile, re.M), "the image runs as a numeric non-root user"
+    uid = re.search(r"^USER (\d+)", dockerfile, re.M).group(1)
+    pod = yaml.safe_load((DEPLOY / "base/deployment.yaml").read_text())["spec"]["template"]
+    assert str(pod["spec"]["securityContext"]["runAsUser"]) == uid
