@@ -97,8 +97,8 @@ def start_server(cert_dir: Path, log_path: Path, *args: str, env: dict | None = 
             try:
                 if session.get(server.url + path, timeout=2).status_code == 200:
                     return server
-            except requests.ConnectionError:
-                pass
+            except (requests.ConnectionError, requests.Timeout):
+                pass  # not listening yet, or (a loaded machine) slow to answer while booting
             if time.monotonic() > deadline:
                 server.stop()
                 raise RuntimeError(f"poolkeeper serve not ready on {path}:\n{server.log()}")
