@@ -13,7 +13,6 @@ no scheduler or controller.
 
 from __future__ import annotations
 
-import copy
 import json
 import random
 import subprocess
