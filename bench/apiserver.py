@@ -6,8 +6,8 @@ namespaces, then 8 concurrent creators POST the fixture's pod over raw HTTPS (ke
 kubectl) into namespaces taken in turn, in three cases:
 
 (a) no admission configured;
-(b) poolkeeper: ``poolkeeper serve --kubeconfig`` (its cache watches this API server) behind a
-    MutatingWebhookConfiguration (see ``DEPLOY_WEBHOOK_CONFIGURATION``);
+(b) poolkeeper: ``poolkeeper serve --kubeconfig`` (its cache watches this API server) behind its
+    MutatingWebhookConfiguration from deploy/ (see ``DEPLOY_WEBHOOK_CONFIGURATION``);
 (c) a MutatingAdmissionPolicy + binding injecting the pool from ``namespaceObject`` labels (CEL).
 
 Each case starts once its configuration demonstrably acts (a probe pod gets, or no longer gets,
@@ -35,11 +35,10 @@ from bench import inputs, servers
 from bench.inputs import POOL_LABEL, ROOT
 from bench.loadgen import percentile
 
-# The MutatingWebhookConfiguration of case (b). deploy/ has none yet, so the bench applies the
-# stand-in built by standin_webhook_configuration() below. When deploy/ ships one, set this to
-# its path (e.g. "deploy/base/webhook.yaml"): the bench applies that file, caBundle filled in,
-# with the certificate and the service mapping made for the service it names.
-DEPLOY_WEBHOOK_CONFIGURATION: str | None = None
+# The MutatingWebhookConfiguration of case (b): deploy/'s own, applied with caBundle filled in and
+# with the certificate and the service mapping made for the service it names. None applies the
+# stand-in built by standin_webhook_configuration() below (used before deploy/ had one).
+DEPLOY_WEBHOOK_CONFIGURATION: str | None = "deploy/base/webhook.yaml"
 
 EXCLUDED_NAMESPACES = ["kube-system", "kube-public", "kube-node-lease", "poolkeeper-system"]
 ADMISSION_API = "/apis/admissionregistration.k8s.io/v1"  # MutatingAdmissionPolicy is v1 here
@@ -61,7 +60,7 @@ def unavailable() -> str | None:
 
 
 def standin_webhook_configuration() -> dict:
-    """STAND-IN until deploy/ has poolkeeper's MutatingWebhookConfiguration."""
+    """STAND-IN for deploy/'s MutatingWebhookConfiguration: one webhook, /mutate, all rules."""
     return {
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "MutatingWebhookConfiguration",

@@ -195,8 +195,11 @@ def run_parts(args: argparse.Namespace, mode: Mode, work: Path, results: report.
                 f"miniapiserver (k8s.io/apiserver + etcd, {apiserver.tool_dir()}), "
                 f"{mode.pods} timed pod creations per row after {mode.pod_warmup} untimed, "
                 "raw HTTPS with keep-alive, namespaces in turn. CPU: API server + etcd "
-                "(+ poolkeeper in b) per pod. (b) uses the stand-in MutatingWebhookConfiguration "
-                "in bench/apiserver.py until deploy/ has one.")
+                "(+ poolkeeper in b) per pod. (b): " + (
+                    f"{apiserver.DEPLOY_WEBHOOK_CONFIGURATION} (every webhook in it that "
+                    "matches a pod is called, reinvocations included)"
+                    if apiserver.DEPLOY_WEBHOOK_CONFIGURATION else
+                    "the stand-in MutatingWebhookConfiguration in bench/apiserver.py") + ".")
 
 
 def run_http(args: argparse.Namespace, mode: Mode, work: Path, namespaces_yaml: Path,
