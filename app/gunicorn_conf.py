@@ -36,7 +36,8 @@ bind = [f"[{_settings.host}]:{_settings.port}" if ":" in _settings.host
 
 # gthread keeps connections alive: the API server reuses them, and a worker that closed each one
 # would pay a full TLS handshake (~5 ms of CPU here) per review, far above the decision itself.
-worker_class = "gthread"
+# app.worker's subclass keeps idle TLS connections (the API server parks spare ones) off threads.
+worker_class = "app.worker.ThreadWorker"
 workers = _settings.resolved_workers()
 threads = _settings.threads
 keepalive = _settings.keepalive

@@ -227,6 +227,43 @@ def test_server_keeps_connections_alive(server, deployment_pod_review):
         connection.close()
 
 
+def test_server_idle_connections_do_not_hold_its_threads(tmp_path, cert_dir,
+                                                          deployment_pod_review):
+    """The API server parks spare connections handshaken and unused; scanners open TCP and send
+    nothing. Neither may hold a worker thread: with one worker of two threads, a review sent after
+    three of each is answered (before the fix its handshake hung until they closed), and a parked
+    connection is served when it is finally used."""
+    srv = start_server(cert_dir, tmp_path / "server.log", "--namespaces",
+                       str(TESTDATA / "namespaces.yaml"), workers=1, threads=2)
+    context = srv.tls_context()
+    idle = [socket.create_connection(("127.0.0.1", srv.port), timeout=10) for _ in range(3)]
+    body = json.dumps(deployment_pod_review).encode()
+    try:
+        for _ in range(3):
+            raw = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+            idle.append(context.wrap_socket(raw, server_hostname="localhost"))
+        connection = http.client.HTTPSConnection("localhost", srv.port, context=context,
+                                                 timeout=20)
+        try:
+            connection.request("POST", "/mutate", body, {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            assert response.status == 200 and json.loads(response.read())["response"]["allowed"]
+        finally:
+            connection.close()
+        parked = idle[-1]
+        parked.sendall(b"POST /mutate HTTP/1.1\r\nHost: localhost\r\n"
+                       b"Content-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        answer = read_response(parked, deadline_s=20)
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+        assert json.loads(answer.partition(b"\r\n\r\n")[2])["response"]["allowed"]
+    finally:
+        for sock in idle:
+            sock.close()
+        srv.stop()
+    assert "Traceback" not in srv.log()
+
+
 def test_server_refuses_tls_below_1_2(server):
     context = server.tls_context()
     try:
