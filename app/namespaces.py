@@ -138,6 +138,7 @@ class FileNamespaces:
             raise NamespacesFileError(f"namespaces file {self.path}: {_describe(e)}") from e
         self._loaded_signature = signature
         self._checked_at = clock()
+        metrics.NAMESPACE_CACHE_SIZE.set(len(self._namespaces))
         log.info("loaded %d namespaces from %s", len(self._namespaces), self.path)
 
     def labels(self, name: str) -> Labels | None:
@@ -198,6 +199,7 @@ class FileNamespaces:
                 return
             self._namespaces = namespaces
             self.reloads += 1
+            metrics.NAMESPACE_CACHE_SIZE.set(len(namespaces))
             log.info("reloaded %d namespaces from %s", len(namespaces), self.path)
         finally:
             self._check_lock.release()

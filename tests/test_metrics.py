@@ -8,6 +8,7 @@ import time
 
 import pytest
 import requests
+import yaml
 
 from app.certs import certificate_expiry, create_certificates
 
@@ -78,6 +79,11 @@ def test_metrics_count_requests_of_every_worker_whichever_worker_is_scraped(serv
     assert samples['poolkeeper_rule_actions_total{effect="mutated",namespace="team-payments",'
                    'rule="agentpool-node-selector"}'] == served
     assert samples['poolkeeper_namespace_cache_lookups_total{result="hit"}'] >= served
+    assert samples["poolkeeper_namespace_cache_size"] == count_namespaces()
+
+
+def count_namespaces() -> int:
+    return len(yaml.safe_load((TESTDATA / "namespaces.yaml").read_text())["items"])
 
 
 def test_metrics_include_errors_denials_build_and_certificate(server):
