@@ -84,7 +84,7 @@ class _ScrapeTimeCollector:
             try:
                 expiry.add_metric([], certificate_expiry(self.cert_file).timestamp())
             except (CertificateError, OSError, ValueError):
-                pass  # no sample: the alert on absent() fires
+                pass  # no sample: PoolkeeperCertificateUnreadable fires
             yield expiry
 
 

@@ -58,8 +58,8 @@ def test_monitoring_alerts_cover_the_failure_modes_and_use_exported_metrics():
     rules = alert_rules()
     names = {r["alert"] for r in rules}
     assert names == {"PoolkeeperErrorRatioHigh", "PoolkeeperLatencyHigh",
-                     "PoolkeeperCertificateExpiringSoon", "PoolkeeperNamespaceWatchStale",
-                     "PoolkeeperRulesReloadFailing"}
+                     "PoolkeeperCertificateExpiringSoon", "PoolkeeperCertificateUnreadable",
+                     "PoolkeeperNamespaceWatchStale", "PoolkeeperRulesReloadFailing"}
     exported = exported_names()
     readme = (ROOT / "README.md").read_text()
     for rule in rules:
@@ -71,6 +71,10 @@ def test_monitoring_alerts_cover_the_failure_modes_and_use_exported_metrics():
     assert "0.99" in latency["expr"] and "> 0.1" in latency["expr"]
     expiring = next(r for r in rules if r["alert"] == "PoolkeeperCertificateExpiringSoon")
     assert "14 * 24 * 3600" in expiring["expr"]
+    # A certificate the app cannot read has no expiry sample, so the expiry alert cannot fire.
+    unreadable = next(r for r in rules if r["alert"] == "PoolkeeperCertificateUnreadable")
+    assert "unless on(namespace, pod) poolkeeper_certificate_expiry_timestamp_seconds" in \
+        unreadable["expr"]
 
 
 def test_monitoring_dashboard_panels_use_exported_metrics():
