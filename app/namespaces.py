@@ -254,13 +254,18 @@ class KubeNamespaces:
                  max_stale: float = 300.0, clock: Callable[[], float] = time.monotonic,
                  cache_size: int = 200_000, page_size: int = 500,
                  request_timeout: tuple[float, float] = (2.0, 5.0),
+                 get_timeout: tuple[float, float] = (0.5, 1.25),
                  watch_timeout: int = 120, backoff_base: float = 0.25, backoff_cap: float = 4.0,
                  retry_interval: float = 1.0, owns_client: bool = False) -> None:
         self.api_client = api_client
         self.cache_ttl = cache_ttl
         self.max_stale = max_stale
         self.page_size = page_size
-        self.request_timeout = request_timeout
+        self.request_timeout = request_timeout  # (connect, read) seconds of lists and watches
+        # A GET runs while the API server waits for the review (webhook timeoutSeconds: 3), so
+        # with its one connect retry it must end (and the stale fallback answer) well within that:
+        # 0.5 + 0.5 + 1.25 s.
+        self.get_timeout = get_timeout
         # timeoutSeconds of each watch (75-100% of it, so replicas spread their reconnects); the
         # read timeout leaves room for an idle but healthy stream.
         self.watch_timeout = watch_timeout
@@ -381,7 +386,7 @@ class KubeNamespaces:
     # -- lookups ---------------------------------------------------------------------------------
 
     def _flight_wait(self) -> float:
-        connect, read = self.request_timeout
+        connect, read = self.get_timeout
         return 4 * (connect + read) + 1  # the leader's GET is bounded by its timeouts and retries
 
     def _fetch(self, name: str, flight: _Flight) -> None:
@@ -414,7 +419,7 @@ class KubeNamespaces:
         self.gets += 1
         try:
             response = self._api.read_namespace(name, _preload_content=False,
-                                                _request_timeout=self.request_timeout)
+                                                _request_timeout=self.get_timeout)
         except kubernetes.client.ApiException as e:
             if e.status == 404:
                 return None
