@@ -7,6 +7,7 @@ options), so the container and the CLI run the same configuration.
 import glob
 import os
 import shutil
+import sys
 import tempfile
 
 # Metrics from every worker are summed through files in one directory (prometheus_client's
@@ -21,12 +22,21 @@ else:
         os.remove(_stale)
 
 from app import metrics  # noqa: E402  (after the variable above)
-from app.config import load_settings  # noqa: E402
+from app.config import ConfigError, load_settings  # noqa: E402
 from app.logs import JSONGunicornLogger, configure_logging  # noqa: E402
 from app.tls import cert_paths, gunicorn_ssl_context_hook  # noqa: E402
 from app.webhook import remember_server_request  # noqa: E402
 
-_settings = load_settings()
+try:
+    _settings = load_settings()
+    # Invalid settings or rules stop the container here, once, in one message naming each problem
+    # (`poolkeeper serve` checks them before it gets here; the image's entry point is gunicorn).
+    # Left to the workers, each would fail its boot with a traceback and gunicorn would give up.
+    from app.rules import SHIPPED_RULES, load_rules  # noqa: E402
+    load_rules(_settings.rules_dir or SHIPPED_RULES)
+except ConfigError as e:
+    sys.stderr.write(f"poolkeeper: {e}\n")
+    sys.exit(2)
 configure_logging(_settings.log_level)
 
 wsgi_app = "app.webhook:create_app()"

@@ -6,6 +6,7 @@ import base64
 import copy
 import http.client
 import json
+import os
 import shutil
 import socket
 import ssl
@@ -18,7 +19,7 @@ import requests
 from app.certs import create_certificates
 from app.config import MAX_BODY_BYTES
 
-from .server import start_server
+from .server import free_port, start_server
 from .support import ROOT, TESTDATA, pod, review_doc
 
 
@@ -395,3 +396,23 @@ def test_server_refuses_to_start_with_invalid_rules(tmp_path, cert_dir):
                             cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "remove-cpu-limits.yaml: kind: 'Nope' is not one of PoolPlacement" in result.stderr
+
+
+def test_server_image_entry_point_refuses_invalid_rules_in_one_message(tmp_path, cert_dir):
+    """The container runs gunicorn itself (Dockerfile ENTRYPOINT), not `poolkeeper serve`: a
+    broken rules ConfigMap must stop it with the problems named, not with worker tracebacks."""
+    import subprocess
+    import sys
+
+    rules = tmp_path / "rules"
+    shutil.copytree(ROOT / "rules", rules)
+    (rules / "remove-cpu-limits.yaml").write_text("name: remove-cpu-limits\nkind: Nope\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POOLKEEPER_")}
+    env.update(POOLKEEPER_RULES_DIR=str(rules), POOLKEEPER_CERT_DIR=str(cert_dir),
+               POOLKEEPER_NAMESPACES=str(TESTDATA / "namespaces.yaml"),
+               POOLKEEPER_PORT=str(free_port()))
+    result = subprocess.run([sys.executable, "-m", "gunicorn", "-c", "python:app.gunicorn_conf"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "remove-cpu-limits.yaml: kind: 'Nope' is not one of PoolPlacement" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
