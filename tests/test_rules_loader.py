@@ -122,6 +122,10 @@ def test_rules_loader_names_file_field_and_allowed_values(tmp_path, replace, exp
     ("name: rule\nkind: NamespaceLabels\nparams: {namePattern: 5}\n", "must be a regular"),
     ("name: rule\nkind: RemoveResourceLimits\nparams: {resources: []}\n", "non-empty list"),
     ("name: rule\nkind: RemoveResourceLimits\nparams: {resources: ['a b']}\n", "non-empty list"),
+    ("name: rule\nkind: PoolPlacement\nwebhook: defaults\n",
+     "webhook: 'defaults': PoolPlacement rules run on placement"),
+    ("name: rule\nkind: RemoveResourceLimits\nmatch: {excludedNamespaces: [Kube_System]}\n",
+     "match.excludedNamespaces: 'Kube_System' is not a namespace name"),
 ])
 def test_rules_loader_rejects_bad_files(tmp_path, text, expected):
     write(tmp_path, "rule", text)
@@ -137,6 +141,15 @@ def test_rules_loader_reports_every_problem_at_once(tmp_path):
         load_rules(tmp_path)
     message = str(info.value)
     assert "one.yaml: kind" in message and "two.yaml: enforcement" in message
+
+
+def test_rules_loader_defaults_each_kind_to_its_webhook(tmp_path):
+    for name, kind in (("pool", "PoolPlacement"), ("ns", "NamespaceLabels"),
+                       ("pull", "ImagePullPolicy"), ("limits", "RemoveResourceLimits")):
+        write(tmp_path, name, f"name: {name}\nkind: {kind}\n")
+    webhooks = {rule.name: rule.webhook for rule in load_rules(tmp_path)}
+    assert webhooks == {"pool": "placement", "ns": "namespaces", "pull": "defaults",
+                        "limits": "defaults"}
 
 
 def test_rules_loader_needs_a_directory_with_rules(tmp_path):

@@ -6,6 +6,7 @@ A rule file::
     description: ...
     kind: ImagePullPolicy            # one of RULE_KINDS
     webhook: defaults                # placement | defaults | namespaces: served on /mutate/<webhook>
+                                     # (default: the kind's, DEFAULT_WEBHOOK)
     enforcement: enforce             # enforce | warn | off
     match:
       kinds: [Pod]                   # default: every kind the rule kind handles
@@ -43,6 +44,9 @@ RULE_KINDS: dict[str, type] = {k.KIND: k for k in (PoolPlacement, NamespaceLabel
                                                     ImagePullPolicy, RemoveResourceLimits)}
 ENFORCEMENTS = ("enforce", "warn", "off")
 WEBHOOKS = ("placement", "defaults", "namespaces")
+# The webhook a kind runs on when the file names none. PoolPlacement may run on no other: on the
+# fail-open paths a webhook outage would let pods escape their pool.
+DEFAULT_WEBHOOK = {"PoolPlacement": "placement", "NamespaceLabels": "namespaces"}
 _FIELDS = ("name", "description", "kind", "webhook", "enforcement", "match", "params")
 _MATCH_FIELDS = ("kinds", "operations", "namespaceSelector", "objectSelector",
                  "excludedNamespaces")
@@ -120,11 +124,14 @@ def _parse_rule(doc: Mapping[str, Any], stem: str, problems: _Problems) -> Rule 
     enforcement = doc.get("enforcement", "enforce")
     if enforcement not in ENFORCEMENTS:
         problems.add("enforcement", f"{enforcement!r} is not one of {', '.join(ENFORCEMENTS)}")
-    webhook = doc.get("webhook", "defaults")
-    if webhook not in WEBHOOKS:
-        problems.add("webhook", f"{webhook!r} is not one of {', '.join(WEBHOOKS)}")
     kind_name = doc.get("kind")
     kind = RULE_KINDS.get(kind_name) if isinstance(kind_name, str) else None
+    webhook = doc.get("webhook", DEFAULT_WEBHOOK.get(kind_name, "defaults"))
+    if webhook not in WEBHOOKS:
+        problems.add("webhook", f"{webhook!r} is not one of {', '.join(WEBHOOKS)}")
+    elif kind_name == "PoolPlacement" and webhook != "placement":
+        problems.add("webhook", f"{webhook!r}: PoolPlacement rules run on placement, the webhook "
+                                "that fails closed (elsewhere an outage lets pods escape their pool)")
     if kind is None:
         problems.add("kind", f"{kind_name!r} is not one of {', '.join(RULE_KINDS)}")
         return None
@@ -184,6 +191,11 @@ def _parse_match(doc: Any, kind: type, problems: _Problems) -> Match | None:
                               kind.OPERATIONS, problems)
     excluded = _string_list(doc.get("excludedNamespaces", list(DEFAULT_EXCLUDED_NAMESPACES)),
                             "match.excludedNamespaces", None, problems)
+    for namespace in sorted(excluded or ()):
+        if not _RULE_NAME.match(namespace):  # namespace names are DNS labels, as rule names
+            problems.add("match.excludedNamespaces", f"{namespace!r} is not a namespace name")
+            excluded = None
+            break
     namespace_selector = _parse_selector(doc.get("namespaceSelector"), "match.namespaceSelector",
                                          problems)
     object_selector = _parse_selector(doc.get("objectSelector"), "match.objectSelector",
