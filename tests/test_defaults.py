@@ -9,10 +9,12 @@ import jsonpatch
 import pytest
 
 from app.admission import MAX_WARNING, admit
+from app.patching import ObjectShapeError
+from app.review import parse_review
 from app.rules import ImagePullPolicy, NamespaceLabels, RemoveResourceLimits, qos_class
 from app.rules.defaults import parse_quantity
 
-from .support import make_request, pod, shipped_rules
+from .support import make_request, pod, review_doc, shipped_rules
 
 RULES = shipped_rules()
 NAMESPACES = {"team-a": {"agentpool": "pool1"}}
@@ -56,6 +58,16 @@ def test_defaults_namespace_from_generate_name_gets_its_prefix():
 def test_defaults_namespace_without_any_name_gets_only_fixed_labels():
     obj = namespace(labels={})
     assert apply(obj, decide(obj).response)["metadata"]["labels"] == {"type": "user-workload"}
+
+
+@pytest.mark.parametrize("field", ["name", "generateName"])
+def test_defaults_namespace_name_that_is_not_a_string_is_a_shape_error(field):
+    obj = namespace()
+    obj["metadata"][field] = 12345
+    doc = review_doc(obj)
+    doc["request"].pop("name", None)  # (a request.name of the wrong type is a ReviewError)
+    with pytest.raises(ObjectShapeError, match="must be strings"):
+        admit(parse_review(doc), NAMESPACES.get, RULES)
 
 
 def test_defaults_namespace_name_pattern_enforced_denies():

@@ -290,6 +290,13 @@ def test_pool_rule_deployment_pod_review_is_patched(deployment_pod_review):
         "nodeSelectorTerms": ["x"]}}}}, "must be an object"),
     ({"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
         "nodeSelectorTerms": [{"matchExpressions": ["x"]}]}}}}, "list of objects"),
+    ({"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{"matchExpressions": [
+            {"key": "agentpool", "operator": "In", "values": 5}]}]}}}}, "list of strings"),
+    # a string is not a list: "xpool1x" must not admit pool1 by substring
+    ({"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{"matchExpressions": [
+            {"key": "agentpool", "operator": "In", "values": "xpool1x"}]}]}}}}, "list of strings"),
 ])
 def test_pool_rule_malformed_objects_raise_shape_errors(spec, fragment):
     obj = pod()

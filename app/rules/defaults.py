@@ -6,7 +6,7 @@ import re
 from decimal import Decimal, InvalidOperation
 from typing import Iterator, Mapping
 
-from ..patching import ObjectEditor, Path, expect_list, expect_map, lookup
+from ..patching import ObjectEditor, ObjectShapeError, Path, expect_list, expect_map, lookup
 from .base import NOTHING, Param, RuleContext, RuleResult
 from .params import label_key, label_map, name_list, one_of, optional_regex
 
@@ -50,9 +50,11 @@ class NamespaceLabels:
         meta = expect_map(editor.current, ("metadata",))
         name = ctx.request.name or meta.get("name") or ""
         generate_name = meta.get("generateName") or ""
+        if not isinstance(name, str) or not isinstance(generate_name, str):
+            raise ObjectShapeError("metadata.name and metadata.generateName must be strings")
         wanted = dict(self.labels)
         base = name or generate_name
-        if isinstance(base, str) and base.split("-", 1)[0]:
+        if base.split("-", 1)[0]:
             wanted[self.system_id_label] = base.split("-", 1)[0]
         changed = [f"{key}={value}" for key, value in wanted.items()
                    if editor.set(("metadata", "labels", key), value)]

@@ -130,6 +130,8 @@ class PoolPlacement:
 def _requirement_admits(requirement: dict, value: str) -> bool:
     operator = requirement.get("operator")
     values = requirement.get("values") or []
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise ObjectShapeError("nodeSelectorRequirement values must be a list of strings")
     if operator == "In":
         return value in values
     if operator == "NotIn":
