@@ -6,7 +6,8 @@ Use :func:`apiserver_fixture` to make a session-scoped fixture in a test module:
     apiserver = apiserver_fixture()
 
 The tool is found beside the checkout (``../shared/tools/miniapiserver``) or at
-``$MINIAPISERVER_TOOL``; without ``bin/miniapiserver`` the tests that use the fixture are skipped.
+``$MINIAPISERVER_TOOL``; without ``bin/miniapiserver`` the tests that use the fixture are skipped
+(they fail instead with ``POOLKEEPER_REQUIRE_SHARED=1``, as in CI: see support.skip_or_fail).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+
+from .support import skip_or_fail
 
 TOOL = Path(os.environ.get("MINIAPISERVER_TOOL")
             or Path(__file__).parents[1].parent / "shared/tools/miniapiserver")
@@ -157,14 +160,15 @@ class MiniApiServer:
 
 def apiserver_fixture(name: str = "apiserver", scope: str = "session"):
     """A fixture (session-scoped unless ``scope`` says otherwise) yielding a running
-    :class:`MiniApiServer`; skips without it. A module that registers webhooks takes its own,
-    module-scoped server, so its admission set-up touches no other test."""
+    :class:`MiniApiServer`; skips without it (fails under POOLKEEPER_REQUIRE_SHARED=1). A module
+    that registers webhooks takes its own, module-scoped server, so its admission set-up touches
+    no other test."""
 
     @pytest.fixture(scope=scope, name=name)
     def fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MiniApiServer]:
         if not (TOOL / "bin/miniapiserver").exists():
-            pytest.skip(f"miniapiserver not found at {TOOL} (build it with its build.sh, "
-                        "or point MINIAPISERVER_TOOL at it)")
+            skip_or_fail(f"miniapiserver not found at {TOOL} (build it with its build.sh, "
+                         "or point MINIAPISERVER_TOOL at it)")
         server = MiniApiServer.start(TOOL, tmp_path_factory.mktemp("miniapiserver"))
         try:
             yield server
