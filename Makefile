@@ -50,6 +50,7 @@ bench: $(BENCH_STAMP)
 # Cluster (README "Deploying to a cluster"): kind with a pool1 and a pool2 worker, the image built
 # and loaded (tagged by its content, so a rebuilt image rolls the pods), installed by
 # integration/deploy.sh; `integration` runs integration/ against the current kubectl context.
+# Both hand deploy.sh this venv's Python (PYTHON), wherever VENV puts it.
 KIND ?= kind
 KIND_CLUSTER ?= poolkeeper
 KUBECTL ?= kubectl
@@ -69,7 +70,7 @@ kind-deploy: $(STAMP)
 	IMAGE=$$tag PYTHON=$(BIN)/python KUBECTL=$(KUBECTL) integration/deploy.sh deploy/overlays/kind
 
 integration: $(STAMP)
-	$(BIN)/python -m pytest -p no:cacheprovider integration $(PYTEST_ARGS)
+	PYTHON=$(BIN)/python $(BIN)/python -m pytest -p no:cacheprovider integration $(PYTEST_ARGS)
 
 logs:
 	$(KUBECTL) -n poolkeeper-system logs -l app.kubernetes.io/name=poolkeeper --prefix --tail=200

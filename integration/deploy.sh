@@ -8,7 +8,8 @@
 # Environment:
 #   IMAGE=REF     run this image instead of the manifests' poolkeeper image
 #   ROTATE=1      replace the certificate now, even if it is still good
-#   PYTHON        a Python with poolkeeper installed (default: .venv/bin/python)
+#   PYTHON        a Python with poolkeeper installed (default: $VENV/bin/python, VENV as in the
+#                 Makefile: .venv unless set, as in the dev container)
 #   KUBECTL       default: kubectl
 #
 # Steps:
@@ -32,7 +33,7 @@ SERVICE=poolkeeper
 SECRET=poolkeeper-tls
 DEPLOYMENT=poolkeeper
 KUBECTL=${KUBECTL:-kubectl}
-PYTHON=${PYTHON:-.venv/bin/python}
+PYTHON=${PYTHON:-${VENV:-.venv}/bin/python}
 ROLLOUT_TIMEOUT=${ROLLOUT_TIMEOUT:-180s}
 # The API servers pick a changed webhook configuration up from their watch within about a
 # second; nothing outside them shows when, so the rotation waits this long for it.

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -181,7 +182,8 @@ def test_integration_certificate_rotation_loses_no_admission(api, apps, core, na
     image = deployment.spec.template.spec.containers[0].image
     secret_before = core.read_namespaced_secret("poolkeeper-tls", NAMESPACE).data["ca.crt"]
     env = {**os.environ, "ROTATE": "1", "IMAGE": image,
-           "PYTHON": os.environ.get("PYTHON", str(ROOT / ".venv/bin/python"))}
+           # this interpreter has poolkeeper; `make integration` names its venv's explicitly
+           "PYTHON": os.environ.get("PYTHON") or sys.executable}
     kustomization = os.environ.get("INTEGRATION_KUSTOMIZATION", "deploy/overlays/kind")
 
     def rotate() -> None:
