@@ -10,9 +10,15 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 # or present), into a prefix the final stage copies.
 COPY requirements.lock /tmp/requirements.lock
 RUN pip install --prefix=/install --no-deps --only-binary=:all: -r /tmp/requirements.lock
-# The app is not pip-installed: app/ and rules/ sit side by side in /app, where the loader finds
-# the shipped rules (the Deployment mounts its ConfigMap over POOLKEEPER_RULES_DIR instead).
-COPY app /app/app
+# poolkeeper itself, without dependencies (the lock's are above), into /app: its code (/app/app)
+# and its metadata (/app/poolkeeper-*.dist-info), so importlib.metadata and the
+# poolkeeper_build_info metric know its version. The build backend is pinned and stays in this
+# stage. rules/ sits beside the package, where the loader finds the shipped rules (the Deployment
+# mounts its ConfigMap over POOLKEEPER_RULES_DIR instead).
+COPY pyproject.toml setup.cfg README.md /src/
+COPY app /src/app
+RUN pip install --no-deps --only-binary=:all: setuptools==84.2.1 \
+ && pip install --no-deps --no-build-isolation --no-compile --target=/app /src
 COPY rules /app/rules
 # Bytecode now: the root filesystem is read-only at run time. Hash-checked, so it stays valid
 # whatever mtimes the copy below gives the sources.

@@ -428,3 +428,20 @@ def test_manifests_image_lock_pins_every_runtime_dependency_within_setup_cfg():
     uid = re.search(r"^USER (\d+)", dockerfile, re.M).group(1)
     pod = yaml.safe_load((DEPLOY / "base/deployment.yaml").read_text())["spec"]["template"]
     assert str(pod["spec"]["securityContext"]["runAsUser"]) == uid
+
+
+def test_manifests_image_installs_the_package_and_its_build_context_holds_what_it_copies():
+    # The image carries poolkeeper's metadata (importlib.metadata.version: the build_info
+    # metric), installed without dependencies (those are the lock's), and copies only what
+    # .dockerignore lets into the build context: a missing file would fail `docker build`.
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    installs = [line for line in dockerfile.splitlines() if "--target=/app /src" in line]
+    assert len(installs) == 1 and "--no-deps" in installs[0], "the package is pip-installed"
+    included = {line[1:].rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line.startswith("!")}
+    for line in dockerfile.splitlines():
+        if line.startswith("COPY ") and "--from=" not in line:
+            *sources, _ = line.split()[1:]
+            for source in sources:
+                assert source in included, f".dockerignore keeps {source} out of the context"
+                assert (ROOT / source).exists(), source
