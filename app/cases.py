@@ -7,14 +7,21 @@ A case is a directory ``<dir>/<rule-name>/<case-name>/`` holding:
 ``old.yaml``         the object before the change: makes the request an UPDATE (optional)
 ``expected.yaml``    the object after the patch; absent means no patch is expected
 ``denied.txt``       the request must be denied, the message containing every non-empty line
-``warnings.txt``     every non-empty line must appear in one of the warnings
+``warnings.txt``     every non-empty line must appear in one of the warnings, and every warning
+                     must contain one of the lines; absent means no warning is expected
+``rule.yaml``        the rule to run instead of its file in the rules directory (optional): a
+                     rule file as in rules/, validated the same way, its ``name`` the rule
+                     directory's; for settings the shipped rule does not use (say, a deny that
+                     only ``enforce`` gives)
 
-Only the rule the case is filed under runs, as its file in the rules directory configures it.
-Objects are compared after the patch is applied, not op lists.
+Only the rule the case is filed under runs, as its file in the rules directory configures it
+(or the case's ``rule.yaml``). Objects are compared after the patch is applied, not op lists.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -25,10 +32,10 @@ import yaml
 from .admission import admit
 from .namespaces import parse_namespaces
 from .review import AdmissionRequest, GroupVersionKind
-from .rules import Rule
+from .rules import Rule, parse_rule_file
 
 CASE_FILES = ("input.yaml", "namespaces.yaml", "old.yaml", "expected.yaml", "denied.txt",
-              "warnings.txt")
+              "warnings.txt", "rule.yaml")
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,26 @@ def request_for(obj: dict, old: dict | None = None, namespace: str | None = None
                             name=metadata.get("name") or "", object=obj, old_object=old)
 
 
+def load_case_rule(case: Case) -> Rule:
+    """The case's ``rule.yaml``, validated as a file in rules/ is; ValueError naming each
+    problem. Its ``name`` must be the rule directory's."""
+    path = case.path / "rule.yaml"
+    text = path.read_text(encoding="utf-8")
+    doc = yaml.safe_load(text)
+    if isinstance(doc, dict) and doc.get("name") != case.rule:
+        raise ValueError(f"{path}: name: {doc.get('name')!r} must equal the rule directory name "
+                         f"{case.rule!r}")
+    # The loader checks a rule's name against its file name: it reads a copy named after the rule.
+    with tempfile.TemporaryDirectory(prefix="poolkeeper-case-") as tmp:
+        staged = Path(tmp) / f"{case.rule}.yaml"
+        staged.write_text(text, encoding="utf-8")
+        rule, problems = parse_rule_file(staged)
+    if rule is None:
+        raise ValueError("invalid rule.yaml: " + "; ".join(
+            problem.replace(str(staged), str(path)) for problem in problems))
+    return dataclasses.replace(rule, source=str(path))
+
+
 def _lines(path: Path) -> list[str]:
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
@@ -85,7 +112,10 @@ def _judge(case: Case, rules: Sequence[Rule]) -> CaseResult:
     unknown = sorted(p.name for p in case.path.iterdir() if p.name not in CASE_FILES)
     if unknown:
         return CaseResult(case, False, f"unknown files {unknown}; allowed: {list(CASE_FILES)}")
-    selected = [r for r in rules if r.name == case.rule]
+    if (case.path / "rule.yaml").exists():
+        selected = [load_case_rule(case)]
+    else:
+        selected = [r for r in rules if r.name == case.rule]
     if not selected:
         return CaseResult(case, False, f"no rule named {case.rule!r} in the rules directory")
     obj = yaml.safe_load((case.path / "input.yaml").read_text())
@@ -105,10 +135,12 @@ def _judge(case: Case, rules: Sequence[Rule]) -> CaseResult:
     elif not response.allowed:
         problems.append(f"denied: {response.message}")
     warnings_path = case.path / "warnings.txt"
-    if warnings_path.exists():
-        problems += [f"no warning contains {line!r}; warnings: {list(response.warnings)}"
-                     for line in _lines(warnings_path)
-                     if not any(line in w for w in response.warnings)]
+    expected_warnings = _lines(warnings_path) if warnings_path.exists() else []
+    problems += [f"no warning contains {line!r}; warnings: {list(response.warnings)}"
+                 for line in expected_warnings if not any(line in w for w in response.warnings)]
+    problems += [f"unexpected warning {w!r}" + ("" if warnings_path.exists() else
+                                                  " (no warnings.txt: none expected)")
+                 for w in response.warnings if not any(line in w for line in expected_warnings)]
     expected_path = case.path / "expected.yaml"
     if response.allowed:
         result = jsonpatch.apply_patch(obj, list(response.patch)) if response.patch else obj

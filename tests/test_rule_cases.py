@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+import shutil
+
 import pytest
 
 from app.cases import discover, run_case
@@ -29,10 +32,25 @@ def test_rule_cases_cover_every_rule_with_mutate_leave_alone_and_deny():
         else:
             kinds.add("leave-alone")
     assert set(by_rule) == {r.name for r in RULES}
-    for rule, kinds in by_rule.items():
-        assert {"mutate", "leave-alone"} <= kinds, rule
-    # Only the pool rule can deny with the shipped settings.
-    assert "deny" in by_rule["agentpool-node-selector"]
+    for rule in RULES:
+        wanted = {"mutate", "leave-alone"} | ({"deny"} if rule.kind in CAN_DENY else set())
+        missing = wanted - by_rule[rule.name]
+        assert not missing, f"{rule.name} lacks a case of each kind in {sorted(missing)}"
+
+
+# Rule kinds that can deny with some settings: their rules need a deny case, if need be with a
+# rule.yaml giving those settings (namespace-labels denies only with namePatternEnforcement:
+# enforce). ImagePullPolicy and RemoveResourceLimits only edit and warn.
+CAN_DENY = {"PoolPlacement", "NamespaceLabels"}
+
+
+def test_rule_cases_deny_only_in_kinds_known_to_deny():
+    from app.rules import RULE_KINDS
+
+    assert CAN_DENY <= set(RULE_KINDS)
+    for name, kind in RULE_KINDS.items():  # a kind denies by returning RuleResult(denials=...)
+        assert ("denials=" in inspect.getsource(kind)) == (name in CAN_DENY), (
+            f"{name}: update CAN_DENY (a rule that can deny needs a deny case)")
 
 
 def test_rule_case_runner_reports_problems(tmp_path):
@@ -74,8 +92,6 @@ def test_rule_case_runner_checks_denial_text(tmp_path):
 
 
 def test_rule_case_runner_shows_how_the_object_differs(tmp_path):
-    import shutil
-
     shutil.copytree(TESTDATA / "rules/image-pull-policy/platform-pod-pulls-always",
                     tmp_path / "image-pull-policy/case")
     expected = tmp_path / "image-pull-policy/case/expected.yaml"
@@ -83,3 +99,54 @@ def test_rule_case_runner_shows_how_the_object_differs(tmp_path):
     result = run_case(discover(tmp_path)[0], RULES)
     assert not result.passed and "object differs from expected.yaml" in result.detail
     assert "Always" in result.detail
+
+
+def copy_case(tmp_path, case_id: str):
+    shutil.copytree(TESTDATA / "rules" / case_id, tmp_path / case_id)
+    return tmp_path / case_id
+
+
+def test_rule_case_runner_fails_on_a_warning_no_warnings_txt_expects(tmp_path):
+    case_dir = copy_case(tmp_path, "namespace-labels/namespace-name-off-pattern-gets-a-warning")
+    (case_dir / "warnings.txt").unlink()
+    result = run_case(discover(tmp_path)[0], RULES)
+    assert not result.passed
+    assert "unexpected warning" in result.detail and "no warnings.txt" in result.detail
+    (case_dir / "warnings.txt").write_text("does not match\n")
+    assert run_case(discover(tmp_path)[0], RULES).passed
+    (case_dir / "warnings.txt").write_text("something else entirely\n")
+    result = run_case(discover(tmp_path)[0], RULES)
+    assert "no warning contains 'something else entirely'" in result.detail
+    assert "unexpected warning" in result.detail
+
+
+def test_rule_case_rule_yaml_replaces_the_rule_under_test(tmp_path):
+    case_dir = copy_case(tmp_path, "namespace-labels/name-off-pattern-is-denied-when-enforced")
+    case = discover(tmp_path)[0]
+    assert run_case(case, RULES).passed
+    assert run_case(case, ()).passed  # the case's rule runs even where the directory lacks it
+    rule_yaml = case_dir / "rule.yaml"
+    rule_yaml.write_text(rule_yaml.read_text().replace("namePatternEnforcement: enforce",
+                                                       "namePatternEnforcement: warn"))
+    result = run_case(case, RULES)
+    assert not result.passed and "expected a denial" in result.detail
+    rule_yaml.unlink()
+    assert "expected a denial" in run_case(case, RULES).detail  # the shipped rule only warns
+
+
+def test_rule_case_rule_yaml_is_validated_as_a_rule_file(tmp_path):
+    case_dir = copy_case(tmp_path, "namespace-labels/name-off-pattern-is-denied-when-enforced")
+    rule_yaml = case_dir / "rule.yaml"
+    text = rule_yaml.read_text()
+    case = discover(tmp_path)[0]
+    rule_yaml.write_text(text.replace("name: namespace-labels", "name: other-rule"))
+    result = run_case(case, RULES)
+    assert not result.passed
+    assert "'other-rule' must equal the rule directory name 'namespace-labels'" in result.detail
+    rule_yaml.write_text(text.replace("namePatternEnforcement: enforce",
+                                      "namePatternEnforcement: sometimes"))
+    result = run_case(case, RULES)
+    assert not result.passed and "invalid rule.yaml" in result.detail
+    assert f"{rule_yaml}: params" in result.detail and "sometimes" in result.detail
+    rule_yaml.write_text("kind: [")
+    assert "cannot run" in run_case(case, RULES).detail
