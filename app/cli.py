@@ -189,10 +189,17 @@ DEFAULT_CASES = "testdata/rules"
 def test(args: argparse.Namespace) -> int:
     from .cases import discover, run_case
 
-    rules = _load_rules(_settings_from(args))
     directory = args.cases or DEFAULT_CASES
+    # Exit 1 whenever no case could run, like a failed case (2 is for the other commands).
     if not os.path.isdir(directory):
-        raise ConfigError(f"case directory {directory} does not exist")
+        print(f"poolkeeper test: case directory {directory} does not exist (give the directory "
+              "that holds <rule-name>/<case-name>/)", file=sys.stderr)
+        return 1
+    try:
+        rules = _load_rules(_settings_from(args))
+    except ConfigError as exc:
+        print(f"poolkeeper test: {exc}", file=sys.stderr)
+        return 1
     results = [run_case(case, rules) for case in discover(directory)]
     for result in results:
         status = "PASS" if result.passed else "FAIL"

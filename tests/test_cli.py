@@ -169,3 +169,16 @@ def test_cli_test_with_no_cases_fails(tmp_path):
     result = run("test", str(tmp_path))
     assert result.returncode == 1 and result.stdout.strip() == "0 passed, 0 failed"
     assert "no cases" in result.stderr
+
+
+def test_cli_test_with_a_missing_directory_fails_with_status_1(tmp_path):
+    result = run("test", str(tmp_path / "nowhere"))
+    assert result.returncode == 1 and result.stdout == ""
+    assert f"case directory {tmp_path / 'nowhere'} does not exist" in result.stderr
+
+
+def test_cli_test_with_invalid_rules_fails_with_status_1(tmp_path):
+    (tmp_path / "broken.yaml").write_text("name: other\n")
+    result = run("test", "--rules", str(tmp_path))
+    assert result.returncode == 1 and result.stdout == ""
+    assert "poolkeeper test: " in result.stderr and "broken.yaml" in result.stderr
