@@ -23,6 +23,7 @@ A 500 is deliberate: controller-runtime answers 200+deny there, which bypasses f
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 import orjson
@@ -182,13 +183,20 @@ def _observe(review_request: AdmissionRequest | None, outcome: str, seconds: flo
     level = logging.WARNING if outcome == "error" else logging.INFO
     if not admission_log.isEnabledFor(level):
         return
-    entry = {"uid": "", "kind": kind, "operation": operation}
+    ms = round(seconds * 1000, 3)
     if review_request:
-        entry.update(uid=review_request.uid, namespace=review_request.namespace,
-                     name=review_request.display_name, user=review_request.user,
-                     dryRun=review_request.dry_run)
-    entry.update(decision=outcome, **fields, ms=round(seconds * 1000, 3))
-    admission_log.log(level, "review", extra={"fields": entry})
+        entry = {"uid": review_request.uid, "kind": kind, "operation": operation,
+                 "namespace": review_request.namespace, "name": review_request.display_name,
+                 "user": review_request.user, "dryRun": review_request.dry_run,
+                 "decision": outcome, **fields, "ms": ms}
+    else:
+        entry = {"uid": "", "kind": kind, "operation": operation, "decision": outcome,
+                 **fields, "ms": ms}
+    # What admission_log.log(level, "review", extra=...) does, less its walk up the stack to
+    # find the caller (this line is the caller).
+    admission_log.handle(admission_log.makeRecord(
+        admission_log.name, level, __file__, sys._getframe().f_lineno, "review", (), None,
+        "_observe", {"fields": entry}))
 
 
 def _error(code: int, message: str, uid: str = "") -> Response:
