@@ -15,6 +15,7 @@ deadline. Plain HTTP and HTTP/2 connections are left to gunicorn.
 """
 
 import select
+import ssl
 
 from gunicorn import http
 from gunicorn import sock as gsock
@@ -48,7 +49,11 @@ class ThreadWorker(gthread.ThreadWorker):
             if not self.cfg.do_handshake_on_connect:
                 tls.do_handshake()
         except (OSError, ValueError) as e:  # ssl.SSLError and socket timeouts are OSErrors
-            self.log.debug("TLS handshake with %s failed: %s", conn.client, e)
+            # A client that hung up (a TCP probe, a scanner) is routine; a refused protocol or an
+            # unknown CA (a caBundle that does not match) is worth a line at INFO.
+            quiet = isinstance(e, (ssl.SSLEOFError, ConnectionError))
+            (self.log.debug if quiet else self.log.info)(
+                "TLS handshake with %s failed: %s", conn.client, e)
             raw.close()
             return False
         conn.sock = tls
