@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from decimal import Decimal, InvalidOperation
 from typing import Iterator, Mapping
@@ -134,16 +135,17 @@ class RemoveResourceLimits:
         obj = editor.current
         if expect_map(obj, ("metadata", "annotations")).get(self.keep_annotation) == "true":
             return NOTHING
+        containers = list(_containers(obj))
         removals = []
-        for path, container in _containers(obj):
-            limits = expect_map(container, ("resources", "limits"))
+        for path, container in containers:
+            limits = expect_map(container, _LIMITS)
             present = [r for r in self.resources if r in limits]
             if present:
-                removals.append(((*path, "resources", "limits"), present, len(present) == len(limits)))
+                removals.append(((*path, *_LIMITS), present, len(present) == len(limits)))
         if not removals:
             return NOTHING
         # QoS only matters when something goes; it needs every quantity parsed, so only then.
-        was_guaranteed = is_guaranteed(obj)
+        was_guaranteed = _guaranteed([container for _, container in containers])
         for limits_path, present, all_of_them in removals:
             if all_of_them:
                 editor.remove(limits_path)
@@ -161,6 +163,9 @@ class RemoveResourceLimits:
         return RuleResult(effects=effects)
 
 
+_LIMITS = ("resources", "limits")
+
+
 _QUANTITY = re.compile(r"^([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))"
                        r"(Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]|[eE][+-]?[0-9]+)?$")
 _SUFFIXES = {"n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"), "": Decimal(1),
@@ -172,10 +177,16 @@ _SUFFIXES = {"n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"), "
 
 def parse_quantity(value: object) -> Decimal | None:
     """A resource.Quantity string ('500m', '1Gi', '1e3') as a number; None when it is not one."""
+    if isinstance(value, str):
+        return _parse_quantity_text(value)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return Decimal(str(value))
-    if not isinstance(value, str):
-        return None
+    return None
+
+
+# Pods repeat a handful of quantities ("500m", "1Gi"); a Decimal is immutable, so share it.
+@functools.lru_cache(maxsize=1024)
+def _parse_quantity_text(value: str) -> Decimal | None:
     match = _QUANTITY.match(value.strip())
     if not match:
         return None
@@ -203,7 +214,10 @@ def _resource_map(container: dict, part: str) -> dict:
 def is_guaranteed(pod: dict) -> bool:
     """Every container has cpu and memory limits, and requests (defaulted from limits by the
     API server) equal them; stops at the first container that does not."""
-    containers = [c for _, c in _containers(pod)]
+    return _guaranteed([c for _, c in _containers(pod)])
+
+
+def _guaranteed(containers: list[dict]) -> bool:
     for container in containers:
         requests, limits = _resource_map(container, "requests"), _resource_map(container, "limits")
         for resource in ("cpu", "memory"):
