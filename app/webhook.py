@@ -137,9 +137,12 @@ def create_app(settings: Settings | None = None, *, source: NamespaceSource | No
         response = decision.response
         outcome = ("denied" if not response.allowed else
                    "patched" if response.patch else "allowed")
-        for action in decision.actions:
-            metrics.RULE_ACTIONS.labels(action.rule, review_request.namespace or "",
-                                        action.effect).inc()
+        if decision.actions:
+            # the team a rule acted on: a namespaced object's namespace, a Namespace's own name
+            team = review_request.namespace or (
+                review_request.display_name if review_request.kind.kind == "Namespace" else "")
+            for action in decision.actions:
+                metrics.RULE_ACTIONS.labels(action.rule, team, action.effect).inc()
         if events is not None and decision.actions:
             events.record(review_request, decision)
         _observe(review_request, outcome, time.perf_counter() - started,

@@ -82,6 +82,16 @@ def test_metrics_count_requests_of_every_worker_whichever_worker_is_scraped(serv
     assert samples["poolkeeper_namespace_cache_size"] == count_namespaces()
 
 
+def test_metrics_rule_actions_on_a_namespace_name_that_namespace(server):
+    """Namespaces are cluster-scoped (request.namespace is empty): the team is the new name."""
+    doc = review_doc({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "sandbox"}})
+    assert fresh_post(server, doc).status_code == 200
+    samples = scrape(server)
+    for effect in ("mutated", "warned"):
+        assert samples[f'poolkeeper_rule_actions_total{{effect="{effect}",namespace="sandbox",'
+                       f'rule="namespace-labels"}}'] >= 1
+
+
 def count_namespaces() -> int:
     return len(yaml.safe_load((TESTDATA / "namespaces.yaml").read_text())["items"])
 
