@@ -33,11 +33,17 @@ def test_logs_time_rounds_as_datetime_does_at_the_edges(created):
     assert formatter.iso_time(created) == reference_time(created)  # from the cache
 
 
-@pytest.fixture
-def admission_lines():
+def json_handler() -> tuple[io.StringIO, JSONLineHandler]:
+    """poolkeeper's handler and formatter, writing to a string."""
     stream = io.StringIO()
     handler = JSONLineHandler(stream)
     handler.setFormatter(JSONFormatter())
+    return stream, handler
+
+
+@pytest.fixture
+def admission_lines():
+    stream, handler = json_handler()
     logger = logging.getLogger("poolkeeper.admission")
     logger.addHandler(handler)
     previous = logger.level
@@ -75,9 +81,7 @@ def test_logs_warning_level_suppresses_the_admission_line(admission_lines):
 
 
 def test_logs_handler_writes_plain_messages_and_exceptions():
-    stream = io.StringIO()
-    handler = JSONLineHandler(stream)
-    handler.setFormatter(JSONFormatter())
+    stream, handler = json_handler()
     logger = logging.Logger("poolkeeper.test")
     logger.addHandler(handler)
     try:
