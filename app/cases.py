@@ -20,8 +20,6 @@ Only the rule the case is filed under runs, as its file in the rules directory c
 
 from __future__ import annotations
 
-import dataclasses
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -81,20 +79,14 @@ def load_case_rule(case: Case) -> Rule:
     """The case's ``rule.yaml``, validated as a file in rules/ is; ValueError naming each
     problem. Its ``name`` must be the rule directory's."""
     path = case.path / "rule.yaml"
-    text = path.read_text(encoding="utf-8")
-    doc = yaml.safe_load(text)
+    doc = yaml.safe_load(path.read_text(encoding="utf-8"))
     if isinstance(doc, dict) and doc.get("name") != case.rule:
         raise ValueError(f"{path}: name: {doc.get('name')!r} must equal the rule directory name "
                          f"{case.rule!r}")
-    # The loader checks a rule's name against its file name: it reads a copy named after the rule.
-    with tempfile.TemporaryDirectory(prefix="poolkeeper-case-") as tmp:
-        staged = Path(tmp) / f"{case.rule}.yaml"
-        staged.write_text(text, encoding="utf-8")
-        rule, problems = parse_rule_file(staged)
+    rule, problems = parse_rule_file(path, stem=case.rule)
     if rule is None:
-        raise ValueError("invalid rule.yaml: " + "; ".join(
-            problem.replace(str(staged), str(path)) for problem in problems))
-    return dataclasses.replace(rule, source=str(path))
+        raise ValueError("invalid rule.yaml: " + "; ".join(problems))
+    return rule
 
 
 def _lines(path: Path) -> list[str]:

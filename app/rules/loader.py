@@ -95,7 +95,9 @@ def _rule_files(directory: Path) -> list[Path]:
                   if p.suffix == ".yaml" and not p.name.startswith(".") and p.is_file())
 
 
-def parse_rule_file(path: Path) -> tuple[Rule | None, list[str]]:
+def parse_rule_file(path: Path, stem: str | None = None) -> tuple[Rule | None, list[str]]:
+    """The rule in ``path`` and the problems found; its name must be ``stem`` (default: the
+    file's name without .yaml)."""
     problems = _Problems(str(path))
     try:
         doc = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -105,7 +107,7 @@ def parse_rule_file(path: Path) -> tuple[Rule | None, list[str]]:
     if not isinstance(doc, dict):
         problems.add("file", "must hold one YAML mapping (a rule)")
         return None, problems.items
-    rule = _parse_rule(doc, path.stem, problems)
+    rule = _parse_rule(doc, stem or path.stem, problems)
     return (rule if not problems.items else None), problems.items
 
 
