@@ -27,8 +27,7 @@ def escape(token: str | int) -> str:
 
 
 def pointer(path: Path) -> str:
-    # escape() inlined: a pointer is built for every operation of every patch.
-    return "".join(["/" + str(token).replace("~", "~0").replace("/", "~1") for token in path])
+    return "".join(["/" + escape(token) for token in path])
 
 
 def lookup(obj: Any, path: Path, default: Any = None) -> Any:

@@ -54,9 +54,9 @@ class NamespaceLabels:
         if not isinstance(name, str) or not isinstance(generate_name, str):
             raise ObjectShapeError("metadata.name and metadata.generateName must be strings")
         wanted = dict(self.labels)
-        base = name or generate_name
-        if base.split("-", 1)[0]:
-            wanted[self.system_id_label] = base.split("-", 1)[0]
+        system_id = (name or generate_name).split("-", 1)[0]
+        if system_id:
+            wanted[self.system_id_label] = system_id
         changed = [f"{key}={value}" for key, value in wanted.items()
                    if editor.set(("metadata", "labels", key), value)]
         effects = (f"set labels {', '.join(changed)}",) if changed else ()
