@@ -39,6 +39,6 @@ ENV PYTHONPATH=/app \
 WORKDIR /app
 USER 10001:10001
 EXPOSE 8443
-# Settings are POOLKEEPER_* variables (README); app.gunicorn_conf reads them. The CLI is there
+# Settings are POOLKEEPER_* variables (README); app.server.conf reads them. The CLI is there
 # too: docker run --rm --entrypoint python IMAGE -m app --help
-ENTRYPOINT ["gunicorn", "-c", "python:app.gunicorn_conf"]
+ENTRYPOINT ["gunicorn", "-c", "python:app.server.conf"]

@@ -6,9 +6,12 @@ STAMP := $(VENV)/.installed-stamp
 CERTS ?= .certs
 PYTEST_ARGS ?=
 
-.PHONY: run test venv certs clean bench kind-start kind-deploy integration logs kind-delete docker-e2e lock
+.PHONY: help run test lint venv certs clean bench kind-start kind-deploy integration logs kind-delete docker-e2e lock
 
-venv: $(STAMP)
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z0-9-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+venv: $(STAMP) ## create .venv and install poolkeeper with its test tools
 
 $(STAMP): setup.cfg pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit("poolkeeper needs Python >= 3.11, $(PYTHON) is " + sys.version.split()[0]) if sys.version_info < (3, 11) else None'
@@ -16,17 +19,23 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $@
 
-certs: $(STAMP)
+certs: $(STAMP) ## create a CA and a serving certificate in .certs/
 	$(BIN)/poolkeeper certs --out $(CERTS) --service poolkeeper --namespace poolkeeper-system
 
 # Serves https://127.0.0.1:8443 with the embedded namespace file: no cluster needed.
-run: certs
+run: certs ## serve https://127.0.0.1:8443 with testdata/namespaces.yaml (no cluster)
 	$(BIN)/poolkeeper serve --host 127.0.0.1 --port 8443 --cert-dir $(CERTS) \
 		--namespaces testdata/namespaces.yaml
 
+# ruff (rules in pyproject.toml), mypy on app/ and the import contracts (both in setup.cfg).
+lint: $(STAMP) ## ruff, mypy --strict on app/, import contracts
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
+
 # pytest exits 5 when it collected nothing: that must fail, not pass silently. The coverage gate:
 # every line and branch of the rule implementations (app/rules/) is executed by the tests.
-test: $(STAMP)
+test: $(STAMP) ## every test and the coverage gate
 	@$(BIN)/python -m pytest --cov=app --cov-branch --cov-report= $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; \
 	if [ $$rc -ne 0 ]; then exit $$rc; fi; \
@@ -43,7 +52,7 @@ $(BENCH_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --ignore-requires-python -e '.[bench]'
 	touch $@
 
-bench: $(BENCH_STAMP)
+bench: $(BENCH_STAMP) ## the benchmarks (bench/README.md); BENCH_QUICK=1 for a short run
 	@bash bench/install-wrk.sh $(if $(filter python,$(BENCH_ARGS)),|| true)
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
@@ -57,31 +66,31 @@ KUBECTL ?= kubectl
 DOCKER ?= docker
 DEVCONTAINER_IMAGE ?= poolkeeper-devcontainer
 
-kind-start:
+kind-start: ## create the kind cluster (pool1 and pool2 workers)
 	@$(KIND) get clusters 2>/dev/null | grep -qx '$(KIND_CLUSTER)' || \
 		$(KIND) create cluster --name $(KIND_CLUSTER) --config integration/kind-config.yaml --wait 180s
 	$(KUBECTL) config use-context kind-$(KIND_CLUSTER)
 
-kind-deploy: $(STAMP)
+kind-deploy: $(STAMP) ## build the image, load it into kind, install with deploy.sh
 	$(DOCKER) build -t poolkeeper:dev .
 	@tag=poolkeeper:dev-$$($(DOCKER) image inspect -f '{{.Id}}' poolkeeper:dev | sed 's/^sha256://' | cut -c1-12); \
 	$(DOCKER) tag poolkeeper:dev $$tag && \
 	$(KIND) load docker-image $$tag --name $(KIND_CLUSTER) && \
 	IMAGE=$$tag PYTHON=$(BIN)/python KUBECTL=$(KUBECTL) integration/deploy.sh deploy/overlays/kind
 
-integration: $(STAMP)
+integration: $(STAMP) ## run integration/ against the current kubectl context
 	PYTHON=$(BIN)/python $(BIN)/python -m pytest -p no:cacheprovider integration $(PYTEST_ARGS)
 
-logs:
+logs: ## the poolkeeper pods' logs
 	$(KUBECTL) -n poolkeeper-system logs -l app.kubernetes.io/name=poolkeeper --prefix --tail=200
 
-kind-delete:
+kind-delete: ## delete the kind cluster
 	$(KIND) delete cluster --name $(KIND_CLUSTER)
 
 # The whole flow inside the dev container (devcontainer/): the host's Docker builds and runs kind;
 # the container shares the host network, where kind publishes its API server on 127.0.0.1. It
 # runs as you (so files it writes in the checkout stay yours), with the socket's group.
-docker-e2e:
+docker-e2e: ## the whole kind flow inside the dev container
 	$(DOCKER) build -t $(DEVCONTAINER_IMAGE) devcontainer
 	$(DOCKER) run --rm --network host -v /var/run/docker.sock:/var/run/docker.sock \
 		--user "$$(id -u):$$(id -g)" --group-add "$$(stat -c %g /var/run/docker.sock)" \
@@ -92,11 +101,11 @@ docker-e2e:
 # requirements.lock: the image's exact dependency versions, resolved afresh from setup.cfg.
 LOCK_VENV ?= /tmp/poolkeeper-lock-venv
 
-lock:
+lock: ## resolve requirements.lock afresh from setup.cfg
 	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/pip install --quiet --disable-pip-version-check .
 	{ sed -n '/^#/p' requirements.lock; $(LOCK_VENV)/bin/pip freeze --exclude poolkeeper; } > requirements.lock.new
 	mv requirements.lock.new requirements.lock
 
-clean:
+clean: ## remove .venv, .certs and caches
 	rm -rf $(VENV) $(CERTS) .pytest_cache .hypothesis .coverage *.egg-info

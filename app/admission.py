@@ -10,11 +10,18 @@ warnings ("would ...") and nothing else; a rule that is ``off`` does not run.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from .patching import ObjectEditor
-from .review import MUTATING_OPERATIONS, AdmissionRequest, AdmissionResponse, allowed, denied, patched
+from .review import (
+    MUTATING_OPERATIONS,
+    AdmissionRequest,
+    AdmissionResponse,
+    allowed,
+    denied,
+    patched,
+)
 from .rules import Rule, RuleContext
 from .rules.base import NamespaceLookup
 
@@ -64,14 +71,14 @@ def admit(request: AdmissionRequest, namespace_labels: NamespaceLookup,
         if rule.enforcement == "off" or not rule.match.matches(ctx):
             continue
         if rule.enforcement == "warn":
-            result = rule.impl.evaluate(ctx, ObjectEditor(editor.current))
+            result = rule.policy.evaluate(ctx, ObjectEditor(editor.current))
             would = [f"would {e}" for e in result.effects]
             would += [f"would deny: {d}" for d in result.denials]
             for text in (*would, *result.warnings):
                 warnings.append(warning(rule.name, text))
                 actions.append(Action(rule.name, "warned", text))
             continue
-        result = rule.impl.evaluate(ctx, editor)
+        result = rule.policy.evaluate(ctx, editor)
         audit.update(result.audit)
         for effect in result.effects:
             actions.append(Action(rule.name, "mutated", effect))

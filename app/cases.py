@@ -20,16 +20,16 @@ Only the rule the case is filed under runs, as its file in the rules directory c
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import jsonpatch
 import yaml
 
 from .admission import admit
 from .namespaces import parse_namespaces
-from .review import AdmissionRequest, GroupVersionKind
+from .review import request_for
 from .rules import Rule, parse_rule_file
 
 CASE_FILES = ("input.yaml", "namespaces.yaml", "old.yaml", "expected.yaml", "denied.txt",
@@ -61,18 +61,6 @@ def discover(directory: str | Path) -> list[Case]:
         for case_dir in sorted(p for p in rule_dir.iterdir() if p.is_dir()):
             cases.append(Case(rule_dir.name, case_dir.name, case_dir))
     return cases
-
-
-def request_for(obj: dict, old: dict | None = None, namespace: str | None = None,
-                uid: str = "poolkeeper-test") -> AdmissionRequest:
-    """The AdmissionRequest the API server would send for creating (or updating) ``obj``."""
-    api_version, kind = obj.get("apiVersion", ""), obj.get("kind", "")
-    group, _, version = str(api_version).rpartition("/")
-    metadata = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
-    ns = "" if kind == "Namespace" else (metadata.get("namespace") or namespace or "default")
-    return AdmissionRequest(uid=uid, kind=GroupVersionKind(group, version, str(kind)),
-                            operation="UPDATE" if old is not None else "CREATE", namespace=ns,
-                            name=metadata.get("name") or "", object=obj, old_object=old)
 
 
 def load_case_rule(case: Case) -> Rule:

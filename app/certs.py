@@ -10,7 +10,7 @@ The CA's private key is never written: it signs the serving certificate and is d
 creation (first run, ``force=True``, or renewal of an invalid/expiring pair) therefore makes a
 new CA, and the caBundle of the MutatingWebhookConfiguration must be updated with it.
 
-Write order (a server such as :class:`app.tls.ReloadingTLSContext` may be watching the
+Write order (a server such as :class:`app.server.tls.ReloadingTLSContext` may be watching the
 directory): each file is written to a temporary file in the same directory, fsynced and moved
 into place with ``os.replace`` (atomic on POSIX), in the order ``ca.crt``, ``tls.key``,
 ``tls.crt``. ``tls.crt`` is the commit point: a reader that sees the new ``tls.crt`` also sees
@@ -45,6 +45,12 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 CA_FILE = "ca.crt"
 CERT_FILE = "tls.crt"
 KEY_FILE = "tls.key"
+
+
+def cert_paths(cert_dir: str | os.PathLike[str]) -> tuple[str, str]:
+    """cert_dir/tls.crt and cert_dir/tls.key (the kubernetes.io/tls Secret key names)."""
+    cert_dir = os.fspath(cert_dir)
+    return os.path.join(cert_dir, CERT_FILE), os.path.join(cert_dir, KEY_FILE)
 
 # IP SANs, so https://127.0.0.1:8443 and https://[::1]:8443 work for local runs and tests.
 SERVING_IPS = (ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1"))
@@ -94,10 +100,6 @@ class CertResult:
     not_after: dt.datetime  # tls.crt's notAfter, timezone-aware UTC
     ca_bundle: str  # base64 of ca.crt's PEM: clientConfig.caBundle
     reason: str  # why it was created, or that the existing pair was kept
-
-    @property
-    def kept(self) -> bool:
-        return not self.created
 
     def summary(self) -> str:
         verb = "created" if self.created else "kept existing"
@@ -347,10 +349,10 @@ def _check_names(service: str, namespace: str) -> None:
 
 def _utc(now: dt.datetime | None) -> dt.datetime:
     if now is None:
-        return dt.datetime.now(dt.timezone.utc)
+        return dt.datetime.now(dt.UTC)
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
-    return now.astimezone(dt.timezone.utc)
+    return now.astimezone(dt.UTC)
 
 
 def _days(delta: dt.timedelta) -> str:

@@ -5,13 +5,18 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import jsonpatch
 import orjson
 import yaml
 
 from .config import ENV_PREFIX, ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from .review import AdmissionRequest
+    from .rules import Rule
 
 DESCRIPTION = "poolkeeper: pins each namespace's pods to its node pool (mutating admission webhook)"
 
@@ -108,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def serve(args: argparse.Namespace) -> int:
     settings = _settings_from(args)
     _load_rules(settings)  # an invalid rule fails start-up here, with every problem named
-    from .tls import cert_paths
+    from .certs import cert_paths
 
     missing = [p for p in cert_paths(settings.cert_dir) if not os.path.isfile(p)]
     if missing:
@@ -118,10 +123,9 @@ def serve(args: argparse.Namespace) -> int:
     for name, value in vars(args).items():
         if name not in _NOT_SETTINGS and value is not None:
             os.environ[ENV_PREFIX + name.upper()] = str(value)
-    from gunicorn.app.wsgiapp import WSGIApplication
+    from .server import run
 
-    sys.argv = ["poolkeeper serve", "-c", "python:app.gunicorn_conf"]
-    WSGIApplication("%(prog)s [OPTIONS]").run()
+    run()
     return 0
 
 
@@ -132,9 +136,8 @@ def _read_input(path: str) -> Any:
         return yaml.safe_load(stream)
 
 
-def _request_for(doc: Any, namespace: str | None):
-    from .cases import request_for
-    from .review import parse_review
+def _request_for(doc: Any, namespace: str | None) -> AdmissionRequest:
+    from .review import parse_review, request_for
 
     if not isinstance(doc, dict):
         raise ConfigError("INPUT must be a Kubernetes object or an AdmissionReview")
@@ -177,7 +180,7 @@ def mutate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_rules(settings: Settings):
+def _load_rules(settings: Settings) -> tuple[Rule, ...]:
     from .rules import SHIPPED_RULES, load_rules
 
     return load_rules(settings.rules_dir or SHIPPED_RULES)

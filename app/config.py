@@ -8,39 +8,21 @@ container); the option wins. All problems are reported together at start-up in o
 from __future__ import annotations
 
 import os
-import re
+import types
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
-from typing import Any, Mapping
+from typing import Any
 
 ENV_PREFIX = "POOLKEEPER_"
-
-# Namespaces rules leave alone unless a rule file says otherwise: the control plane's own and
-# poolkeeper's, so the webhook can always restart.
-DEFAULT_EXCLUDED_NAMESPACES = ("kube-system", "kube-public", "kube-node-lease", "poolkeeper-system")
 
 # The API server limits a stored object to 3 MiB (etcd's request limit is 1.5 MiB by default, the
 # apiserver's own decoder 3 MiB); an UPDATE review carries two objects plus the envelope.
 MAX_BODY_BYTES = 7 * 1024 * 1024
 
-# Label keys: optional DNS-subdomain prefix (<= 253) and '/', then a name of <= 63 characters
-# (k8s.io/apimachinery/pkg/util/validation IsQualifiedName); values <= 63 (IsValidLabelValue).
-_LABEL_NAME = r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)"
-_DNS_SUBDOMAIN = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
-LABEL_KEY_RE = re.compile(rf"^({_DNS_SUBDOMAIN}/)?{_LABEL_NAME}$")
-LABEL_VALUE_RE = re.compile(rf"^({_LABEL_NAME})?$")
-
 
 class ConfigError(ValueError):
     """A setting is invalid; the message lists every problem found."""
-
-
-def is_label_key(key: str) -> bool:
-    prefix, _, name = key.rpartition("/")
-    return bool(LABEL_KEY_RE.match(key)) and len(prefix) <= 253 and len(name) <= 63
-
-
-def is_label_value(value: str) -> bool:
-    return len(value) <= 63 and bool(LABEL_VALUE_RE.match(value))
 
 
 @dataclass(frozen=True)
@@ -66,18 +48,23 @@ class Settings:
 
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
+# Field name -> its type (the annotations are strings under `from __future__ import annotations`).
+_FIELD_TYPES: dict[str, Any] = typing.get_type_hints(Settings)
 
 
-def _convert(name: str, raw: Any, typ: str) -> Any:
-    if raw is None:
+def _type_name(typ: Any) -> str:
+    return " | ".join(getattr(t, "__name__", str(t)) for t in typing.get_args(typ)) \
+        if isinstance(typ, types.UnionType) else typ.__name__
+
+
+def _convert(raw: Any, typ: Any) -> Any:
+    """``raw`` (an option's value, or an environment variable's text) as the field's type:
+    int, float or str, or ``X | None`` where an empty string means None."""
+    allowed = typing.get_args(typ) if isinstance(typ, types.UnionType) else (typ,)
+    base = next(t for t in allowed if t is not type(None))
+    if raw == "" and type(None) in allowed:
         return None
-    if "int" in typ and "float" not in typ:
-        return int(raw)
-    if "float" in typ:
-        return float(raw)
-    if raw == "":
-        return None if "None" in typ else raw
-    return str(raw)
+    return base(raw)
 
 
 def load_settings(options: Mapping[str, Any] | None = None,
@@ -91,7 +78,7 @@ def load_settings(options: Mapping[str, Any] | None = None,
     for name in options:
         if name not in known:
             problems.append(f"unknown setting {name!r}")
-    for name, f in known.items():
+    for name in known:
         raw = options.get(name)
         source = f"--{name.replace('_', '-')}"
         if raw is None and ENV_PREFIX + name.upper() in environ:
@@ -100,9 +87,9 @@ def load_settings(options: Mapping[str, Any] | None = None,
         if raw is None:
             continue
         try:
-            values[name] = _convert(name, raw, str(f.type))
+            values[name] = _convert(raw, _FIELD_TYPES[name])
         except (TypeError, ValueError):
-            problems.append(f"{source}: {raw!r} is not a valid {f.type}")
+            problems.append(f"{source}: {raw!r} is not a valid {_type_name(_FIELD_TYPES[name])}")
     settings = replace(Settings(), **values)
     problems.extend(_validate(settings))
     if problems:

@@ -14,8 +14,9 @@ import queue
 import socket
 import threading
 import time
-from datetime import datetime, timezone
-from typing import Any, Callable
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
 
 import cachetools
 
@@ -115,10 +116,10 @@ class EventRecorder:
               detail: str) -> dict:
         obj = request.object or request.old_object or {}
         verb = "denied" if reason == REASONS["denied"] else "warned about"
-        note = f"[{rule}] {verb} {request.operation} of {request.kind.kind} " \
+        note = f"[{rule}] {verb} {request.operation} of {request.gvk.kind} " \
                f"{request.display_name or '(unnamed)'}: {detail}"
-        regarding = {"apiVersion": obj.get("apiVersion") or request.kind.version,
-                     "kind": request.kind.kind, "name": request.name or request.display_name}
+        regarding = {"apiVersion": obj.get("apiVersion") or request.gvk.version,
+                     "kind": request.gvk.kind, "name": request.name or request.display_name}
         if request.namespace:
             regarding["namespace"] = request.namespace
         return {
@@ -127,7 +128,7 @@ class EventRecorder:
             "metadata": {"generateName": "poolkeeper-", "namespace": namespace,
                          "labels": {"app.kubernetes.io/name": "poolkeeper",
                                     "poolkeeper.io/rule": rule}},
-            "eventTime": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "eventTime": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
             "reportingController": REPORTING_CONTROLLER,
             "reportingInstance": self.instance,
             "action": "Admit",
@@ -157,11 +158,13 @@ class EventRecorder:
                             getattr(exc, "reason", None) or exc)
 
 
-def api_poster(api_client) -> Callable[[str, dict], Any]:
+def api_poster(api_client: Any) -> Callable[[str, dict], Any]:
     """post(namespace, body) through the kubernetes client's events.k8s.io/v1 API."""
     import kubernetes.client
 
-    api = kubernetes.client.EventsV1Api(api_client)
+    # Any: with _preload_content=False the call returns the raw urllib3 response, and takes the
+    # body as a plain dict, neither of which the generated annotations allow for.
+    api: Any = kubernetes.client.EventsV1Api(api_client)
 
     def post(namespace: str, body: dict) -> None:
         api.create_namespaced_event(namespace, body, _request_timeout=(3, 5),

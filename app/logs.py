@@ -1,14 +1,14 @@
-"""Owns log output: one JSON object per line on stderr, for poolkeeper's and gunicorn's loggers."""
+"""Owns log output: one JSON object per line on stderr (gunicorn's own lines use the same
+formatter, through :mod:`app.server.logger`)."""
 
 from __future__ import annotations
 
 import logging
 import math
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import orjson
-from gunicorn.glogging import Logger as GunicornLogger
 
 
 class JSONFormatter(logging.Formatter):
@@ -44,11 +44,11 @@ class JSONFormatter(logging.Formatter):
         if micros >= 1_000_000:
             second, micros = second + 1, micros - 1_000_000
         if micros < 0 or second < 0:  # before 1970: not worth a cache
-            return datetime.fromtimestamp(created, timezone.utc).isoformat(
+            return datetime.fromtimestamp(created, UTC).isoformat(
                 timespec="milliseconds")
         cached_second, text = self._second
         if cached_second != second:
-            text = datetime.fromtimestamp(second, timezone.utc).isoformat()[:-6]
+            text = datetime.fromtimestamp(second, UTC).isoformat()[:-6]
             self._second = (second, text)
         return f"{text}.{micros // 1000:03d}+00:00"
 
@@ -79,17 +79,3 @@ def configure_logging(level: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
     logging.getLogger("poolkeeper").setLevel(level.upper())
-
-
-class JSONGunicornLogger(GunicornLogger):
-    """gunicorn's error log in poolkeeper's JSON shape.
-
-    Set as ``logger_class`` rather than through ``logconfig_dict``: any logconfig makes gunicorn
-    build the access-log atoms of every request (a dict over the whole WSGI environ) even with
-    no access log, which cost a third of the server stack's CPU per request here.
-    """
-
-    def setup(self, cfg) -> None:
-        super().setup(cfg)
-        for handler in self.error_log.handlers:
-            handler.setFormatter(JSONFormatter())

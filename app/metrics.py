@@ -12,11 +12,23 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Iterator
 from importlib import metadata
+from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import multiprocess
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
+
+if TYPE_CHECKING:
+    from .admission import Decision
+    from .review import AdmissionRequest
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -58,6 +70,23 @@ LOOKUP_MISS = NAMESPACE_LOOKUPS.labels("miss")
 LOOKUP_STALE = NAMESPACE_LOOKUPS.labels("stale")
 
 
+def observe_review(kind: str, operation: str, decision: str, seconds: float) -> None:
+    """One answered review: its decision (allowed, patched, denied, error) and its duration."""
+    ADMISSION_REQUESTS.labels(kind, operation, decision).inc()
+    ADMISSION_DURATION.observe(seconds)
+
+
+def count_actions(request: AdmissionRequest, decision: Decision) -> None:
+    """What each rule did, under the team it did it to: a namespaced object's namespace, a
+    Namespace's own name."""
+    if not decision.actions:
+        return
+    team = request.namespace or (
+        request.display_name if request.gvk.kind == "Namespace" else "")
+    for action in decision.actions:
+        RULE_ACTIONS.labels(action.rule, team, action.effect).inc()
+
+
 def version() -> str:
     try:
         return metadata.version("poolkeeper")
@@ -71,7 +100,7 @@ class _ScrapeTimeCollector:
     def __init__(self, cert_file: str | None):
         self.cert_file = cert_file
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         info = InfoMetricFamily("poolkeeper_build", "poolkeeper version and runtime.")
         info.add_metric([], {"version": version(), "python": platform.python_version()})
         yield info

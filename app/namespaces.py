@@ -60,13 +60,18 @@ class NamespaceSource(Protocol):
         """Stop background threads promptly."""
 
 
-def namespace_source(settings: Settings) -> NamespaceSource:
-    """The source the settings ask for: the namespaces file if given, else the API server."""
+def namespace_source(settings: Settings,
+                     api_client: kubernetes.client.ApiClient | None = None) -> NamespaceSource:
+    """The source the settings ask for: the namespaces file if given, else the API server
+    (through ``api_client``, or a client of its own)."""
     if settings.namespaces_file:
         return FileNamespaces(settings.namespaces_file)
-    from app.kube import load_api_client
-    return KubeNamespaces(load_api_client(settings.kubeconfig), cache_ttl=settings.cache_ttl,
-                          max_stale=settings.max_stale, owns_client=True)
+    owns_client = api_client is None
+    if api_client is None:
+        from app.kube import load_api_client
+        api_client = load_api_client(settings.kubeconfig)
+    return KubeNamespaces(api_client, cache_ttl=settings.cache_ttl,
+                          max_stale=settings.max_stale, owns_client=owns_client)
 
 
 # --------------------------------------------------------------------------------------------------

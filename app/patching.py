@@ -10,7 +10,8 @@ No deep copy and no whole-object diff: the cost is proportional to the edit, not
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 Path = Sequence[str | int]
 
@@ -18,7 +19,7 @@ _MISSING = object()
 
 
 class ObjectShapeError(ValueError):
-    """The object has a field of the wrong JSON type where an edit or rule needs to go (HTTP 400)."""
+    """The object has a field of the wrong JSON type where an edit or rule must go (HTTP 400)."""
 
 
 def escape(token: str | int) -> str:
@@ -132,7 +133,8 @@ class ObjectEditor:
 
     def remove(self, path: Path) -> bool:
         """Remove ``path``; False when it is not there."""
-        if lookup(self.current, path, _MISSING) is _MISSING and not _present_null(self.current, path):
+        absent = lookup(self.current, path, _MISSING) is _MISSING
+        if absent and not _present_null(self.current, path):
             return False
         return self._apply("remove", path, None)
 

@@ -4,14 +4,16 @@ Nothing here knows about HTTP or rules. :func:`parse_review` turns a decoded bod
 :class:`AdmissionRequest` or raises :class:`ReviewError` (the transport answers 400);
 the response constructors (:func:`allowed`, :func:`denied`, :func:`patched`, :func:`errored`)
 build an :class:`AdmissionResponse`; :func:`encode_review` is the one place that fills in
-``uid``, ``apiVersion`` and ``kind`` and base64-encodes the patch.
+``uid``, ``apiVersion`` and ``kind`` and base64-encodes the patch. :func:`request_for` builds
+the request the API server would send for an object (``poolkeeper mutate`` and golden cases).
 """
 
 from __future__ import annotations
 
 import base64
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import orjson
 
@@ -39,7 +41,7 @@ class GroupVersionKind:
 @dataclass(frozen=True, slots=True)
 class AdmissionRequest:
     uid: str
-    kind: GroupVersionKind
+    gvk: GroupVersionKind  # request.kind on the wire
     operation: str
     namespace: str  # "" for cluster-scoped objects
     name: str  # "" when the object only has generateName
@@ -110,7 +112,8 @@ _REASONS = {400: "BadRequest", 403: "Forbidden", 404: "NotFound", 413: "RequestE
             415: "UnsupportedMediaType", 500: "InternalError", 503: "ServiceUnavailable"}
 
 
-def _field(mapping: Mapping, key: str, typ: type, where: str, uid: str, required: bool = True):
+def _field(mapping: Mapping[str, Any], key: str, typ: type, where: str, uid: str,
+           required: bool = True) -> Any:
     value = mapping.get(key)
     if value is None:
         if required:
@@ -154,7 +157,7 @@ def parse_review(doc: Any) -> AdmissionRequest:
     dry_run = request.get("dryRun")
     return AdmissionRequest(
         uid=uid,
-        kind=GroupVersionKind(
+        gvk=GroupVersionKind(
             group=_field(gvk, "group", str, "request.kind", uid, required=False) or "",
             version=_field(gvk, "version", str, "request.kind", uid),
             kind=_field(gvk, "kind", str, "request.kind", uid)),
@@ -167,3 +170,16 @@ def parse_review(doc: Any) -> AdmissionRequest:
         user=username if isinstance(username, str) else "",
         sub_resource=_field(request, "subResource", str, "request", uid, required=False) or "",
     )
+
+
+def request_for(obj: dict, old: dict | None = None, namespace: str | None = None,
+                uid: str = "poolkeeper-test") -> AdmissionRequest:
+    """The AdmissionRequest the API server would send for creating (or updating) ``obj``."""
+    api_version, kind = obj.get("apiVersion", ""), obj.get("kind", "")
+    group, _, version = str(api_version).rpartition("/")
+    found = obj.get("metadata")
+    metadata: dict = found if isinstance(found, dict) else {}
+    ns = "" if kind == "Namespace" else (metadata.get("namespace") or namespace or "default")
+    return AdmissionRequest(uid=uid, gvk=GroupVersionKind(group, version, str(kind)),
+                            operation="UPDATE" if old is not None else "CREATE", namespace=ns,
+                            name=metadata.get("name") or "", object=obj, old_object=old)

@@ -22,10 +22,10 @@ import os
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import orjson
 import urllib3
@@ -172,13 +172,13 @@ class MiniAPI:
         self.env: dict[str, str] = {}
         self.pool: urllib3.HTTPSConnectionPool | None = None
 
-    def start(self) -> "MiniAPI":
+    def start(self) -> MiniAPI:
         tool = tool_dir()
         result = subprocess.run([str(tool / "start.sh")], capture_output=True, text=True,
                                 env={**os.environ, "MINIAPI_DIR": str(self.dir)}, timeout=120)
         if result.returncode != 0:
             raise RuntimeError(f"miniapiserver did not start:\n{result.stdout}\n{result.stderr}")
-        self.env = dict(l.split("=", 1) for l in result.stdout.splitlines() if "=" in l)
+        self.env = dict(entry.split("=", 1) for entry in result.stdout.splitlines() if "=" in entry)
         host, port = self.env["APISERVER_URL"].split("//", 1)[1].rsplit(":", 1)
         if host != "127.0.0.1":
             raise RuntimeError(f"miniapiserver is not on 127.0.0.1: {self.env['APISERVER_URL']}")
@@ -367,7 +367,7 @@ def run(work: Path, count: int, warmup: int, creators: tuple[int, ...] = (CREATO
         measure("webhook", "(b) poolkeeper webhook", mutated, source)
         api.delete(config)
         # poolkeeper keeps running (idle) until the API server is gone, so its stop does not wait
-        # on the API server's open connections (about 2 s since app/worker.py, 20 s before).
+        # on the API server's open connections (about 2 s since app/server/worker.py, 20 s before).
         _wait_for(api, probe_ns, body, untouched, "the webhook configuration is gone")
 
         policy_objects = mutating_admission_policy()

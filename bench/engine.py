@@ -6,7 +6,8 @@ The rule set is reached through the public loaders only, whichever this checkout
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from app.admission import admit  # noqa: F401  (re-exported for the bench parts)
 from app.config import load_settings
@@ -37,11 +38,11 @@ def rule_names(rules: Sequence[Any]) -> list[str]:
 
 
 def _kind_name(rule: Any) -> str:
-    kind = getattr(rule, "kind", None)
+    kind = getattr(rule, "kind_name", None)
     if isinstance(kind, str):
         return kind
-    impl = getattr(rule, "impl", rule)
-    return getattr(impl, "KIND", type(impl).__name__)
+    policy = getattr(rule, "policy", rule)
+    return getattr(policy, "KIND_NAME", type(policy).__name__)
 
 
 def file_namespace_source(path: str):

@@ -65,7 +65,7 @@ class FakeAPI:
     def port(self) -> int:
         return self.server.server_address[1]
 
-    def start(self) -> "FakeAPI":
+    def start(self) -> FakeAPI:
         self.thread.start()
         return self
 

@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="pk-metrics-"))
     from app.config import load_settings
+    from app.factory import create_app
     from app.logs import configure_logging
-    from app.webhook import create_app
     from bench import inputs
 
     configure_logging(args.log_level)
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         statuses.append(status)
 
     def serve(first: int, count: int) -> None:
-        for environ, body in zip(environs[first:first + count], bodies[first:first + count]):
+        for environ, body in zip(environs[first:first + count], bodies[first:first + count], strict=True):
             environ["wsgi.input"] = io.BytesIO(body)
             out = app.wsgi_app(environ, start_response)
             b"".join(out)

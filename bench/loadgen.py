@@ -72,7 +72,7 @@ def run_wrk(port: int, bodies_file: Path, connections: int, duration_s: float,
     result = subprocess.run(command, capture_output=True, text=True,
                             timeout=seconds + timeout_s + 30)
     client_cpu = _children_cpu() - cpu_before
-    line = next((l for l in result.stdout.splitlines() if l.startswith("BENCH_RESULT ")), None)
+    line = next((out for out in result.stdout.splitlines() if out.startswith("BENCH_RESULT ")), None)
     if result.returncode != 0 or line is None:
         raise RuntimeError(f"wrk failed ({result.returncode}): {result.stdout}\n{result.stderr}")
     data = json.loads(line.split(" ", 1)[1])

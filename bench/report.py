@@ -63,7 +63,7 @@ def table(headers: list[str], rows: list[list[str]]) -> list[str]:
 
     def line(cells: list[str]) -> str:
         return "| " + " | ".join(c.rjust(w) if right[i] and i > 0 else c.ljust(w)
-                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+                                 for i, (c, w) in enumerate(zip(cells, widths, strict=True))) + " |"
 
     sep = "|" + "|".join(("-" * (w + 1) + ":") if right[i] else ("-" * (w + 2))
                          for i, w in enumerate(widths)) + "|"

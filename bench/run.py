@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_parts(args: argparse.Namespace, mode: Mode, work: Path, results: report.Results) -> None:
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     load = (f"{loadgen.wrk_version()} (1 thread, keep-alive, Lua script bench/load.lua)"
             if args.loadgen == "wrk" else "Python client (threads, keep-alive)")
     fixture = inputs.REVIEW_FIXTURE
@@ -222,7 +222,7 @@ def run_http(args: argparse.Namespace, mode: Mode, work: Path, namespaces_yaml: 
         any_server = next(iter(running.values()))
         results.http_note = (
             f"gunicorn gthread, {any_server.workers} workers x "
-            f"{mode.threads or 'default'} threads, keep-alive, TLS (app/gunicorn_conf.py) for "
+            f"{mode.threads or 'default'} threads, keep-alive, TLS (app/server/conf.py) for "
             f"all three; per row the median of {mode.rounds} round(s) of {mode.duration_s:g} s "
             f"(at most {mode.max_requests:,} requests each; the servers take turns, so "
             f"drift hits all alike), after {mode.warmup_s:g} s of untimed load; max: the largest. floor: fixed answer, body unread "

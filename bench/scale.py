@@ -44,7 +44,7 @@ def run(counts: list[int], repeats: int, work: Path) -> list[ScaleRow]:
                 [sys.executable, "-m", "bench.scale", "--count", str(count), "--kubeconfig",
                  str(kubeconfig), "--repeats", str(repeats)],
                 cwd=ROOT, capture_output=True, text=True, timeout=300)
-            line = next((l for l in result.stdout.splitlines() if l.startswith("{")), None)
+            line = next((out for out in result.stdout.splitlines() if out.startswith("{")), None)
             if result.returncode != 0 or line is None:
                 raise RuntimeError(f"scale run with {count} namespaces failed "
                                    f"({result.returncode}):\n{result.stdout}\n{result.stderr}")
@@ -67,7 +67,7 @@ def _rss_mib() -> float:
 def _measure(count: int, kubeconfig: str, repeats: int) -> dict:
     import logging
 
-    import app.webhook  # noqa: F401  (what a worker has loaded: Flask, the app)
+    import app.factory  # noqa: F401  (what a worker has loaded: Flask, the app)
     from bench import engine, inputs
     from bench.micro import per_request_us
 

@@ -1,6 +1,6 @@
 """Owns the servers under test: start, wait until every worker serves, CPU time, stop.
 
-All three run gunicorn with poolkeeper's gunicorn settings (app/gunicorn_conf.py) on a free
+All three run gunicorn with poolkeeper's gunicorn settings (app/server/conf.py) on a free
 127.0.0.1 port with the same certificate:
 
 - ``poolkeeper``: ``poolkeeper serve`` itself (``python -m app serve``), rules shipped in rules/;
@@ -10,6 +10,7 @@ All three run gunicorn with poolkeeper's gunicorn settings (app/gunicorn_conf.py
 
 from __future__ import annotations
 
+import http.client
 import os
 import signal
 import socket
@@ -17,7 +18,6 @@ import ssl
 import subprocess
 import sys
 import time
-import http.client
 from dataclasses import dataclass, field
 from pathlib import Path
 

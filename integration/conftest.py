@@ -9,7 +9,7 @@ why. `make test` never collects this directory (setup.cfg: testpaths = tests).
 from __future__ import annotations
 
 import uuid
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import kubernetes.client
 import pytest

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import os
 from pathlib import Path
 from typing import NoReturn
@@ -96,4 +95,31 @@ def pool_rules(**params):
     from app.rules import PoolPlacement
 
     (rule,) = shipped_rules("agentpool-node-selector")
-    return (dataclasses.replace(rule, impl=PoolPlacement(**params)),)
+    return (dataclasses.replace(rule, policy=PoolPlacement(**params)),)
+
+
+def qos_class(pod: dict) -> str:
+    """Guaranteed, Burstable or BestEffort, as the kubelet computes it from cpu and memory
+    (an oracle for the tests, written apart from the rule's own check)."""
+    from app.rules.limits import parse_quantity
+
+    containers = [c for field in ("initContainers", "containers")
+                  for c in (pod.get("spec") or {}).get(field) or []]
+    def part(container: dict, name: str) -> dict:
+        value = (container.get("resources") or {}).get(name)
+        return value if isinstance(value, dict) else {}
+
+    requests = [part(c, "requests") for c in containers]
+    limits = [part(c, "limits") for c in containers]
+    if not any(name in part for part in requests + limits for name in ("cpu", "memory")):
+        return "BestEffort"
+    if not containers:
+        return "BestEffort"
+    for req, lim in zip(requests, limits, strict=True):
+        for name in ("cpu", "memory"):
+            if name not in lim:
+                return "Burstable"
+            if name in req and req[name] != lim[name] and \
+                    parse_quantity(req[name]) != parse_quantity(lim[name]):
+                return "Burstable"
+    return "Guaranteed"

@@ -20,8 +20,16 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store
 
 from app import certs
-from app.certs import (CertificateFileError, ChainError, ExpiryError, KeyMismatchError,
-                       NamesError, certificate_expiry, check_certificates, create_certificates)
+from app.certs import (
+    CertificateFileError,
+    ChainError,
+    ExpiryError,
+    KeyMismatchError,
+    NamesError,
+    certificate_expiry,
+    check_certificates,
+    create_certificates,
+)
 
 SERVICE, NAMESPACE = "poolkeeper", "poolkeeper-system"
 SERVICE_HOST = "poolkeeper.poolkeeper-system.svc"
@@ -58,7 +66,7 @@ def created(tmp_path):
 def test_create_certificates_writes_the_three_files_and_creates_the_dir(created):
     out, result = created
     assert sorted(os.listdir(out)) == ["ca.crt", "tls.crt", "tls.key"]  # no temp files left
-    assert result.created and not result.kept
+    assert result.created
     assert (result.ca_file, result.cert_file, result.key_file) == (
         str(out / "ca.crt"), str(out / "tls.crt"), str(out / "tls.key"))
     assert result.reason == f"no certificates in {out}"
@@ -130,7 +138,7 @@ def test_create_certificates_reports_not_after(created):
     out, result = created
     assert result.not_after == certificate_expiry(out / "tls.crt")
     assert result.not_after.tzinfo is not None
-    lifetime = result.not_after - dt.datetime.now(dt.timezone.utc)
+    lifetime = result.not_after - dt.datetime.now(dt.UTC)
     assert dt.timedelta(days=364) < lifetime <= dt.timedelta(days=365)
 
 
@@ -138,7 +146,7 @@ def test_create_certificates_keeps_a_valid_pair(created):
     out, first = created
     before = snapshot(out)
     second = create_certificates(out, SERVICE, NAMESPACE)
-    assert second.kept and not second.created
+    assert not second.created
     assert snapshot(out) == before
     assert second.not_after == first.not_after
     assert second.ca_bundle == first.ca_bundle
@@ -191,7 +199,7 @@ def test_create_certificates_replaces_pair_for_another_service(created):
 
 def test_create_certificates_replaces_expiring_pair(tmp_path):
     out = tmp_path / "tls"
-    long_ago = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=350)
+    long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=350)
     old = create_certificates(out, SERVICE, NAMESPACE, days=365, now=long_ago)
     with pytest.raises(ExpiryError, match="within the renewal window of 30 days"):
         check_certificates(out, SERVICE, NAMESPACE)
@@ -204,7 +212,7 @@ def test_create_certificates_replaces_expiring_pair(tmp_path):
 def test_create_certificates_replaces_expired_pair(tmp_path):
     out = tmp_path / "tls"
     create_certificates(out, SERVICE, NAMESPACE, days=10,
-                        now=dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=20))
+                        now=dt.datetime.now(dt.UTC) - dt.timedelta(days=20))
     with pytest.raises(ExpiryError, match="expired at"):
         check_certificates(out, SERVICE, NAMESPACE)
     assert create_certificates(out, SERVICE, NAMESPACE).created
@@ -213,9 +221,9 @@ def test_create_certificates_replaces_expired_pair(tmp_path):
 def test_create_certificates_keeps_short_lived_pair_outside_its_window(tmp_path):
     # A 3-day pair renews in its last day (a third of its lifetime), not 30 days ahead.
     out = tmp_path / "tls"
-    start = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
+    start = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
     create_certificates(out, SERVICE, NAMESPACE, days=3, now=start)
-    assert create_certificates(out, SERVICE, NAMESPACE, now=start + dt.timedelta(days=1)).kept
+    assert create_certificates(out, SERVICE, NAMESPACE, now=start + dt.timedelta(days=1)).created is False
     later = start + dt.timedelta(days=2, hours=1)
     assert create_certificates(out, SERVICE, NAMESPACE, now=later).created
 
@@ -223,7 +231,7 @@ def test_create_certificates_keeps_short_lived_pair_outside_its_window(tmp_path)
 def test_create_certificates_replaces_not_yet_valid_pair(tmp_path):
     out = tmp_path / "tls"
     create_certificates(out, SERVICE, NAMESPACE,
-                        now=dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=2))
+                        now=dt.datetime.now(dt.UTC) + dt.timedelta(days=2))
     with pytest.raises(ExpiryError, match="not valid before"):
         check_certificates(out, SERVICE, NAMESPACE)
 

@@ -11,10 +11,10 @@ import pytest
 from app.admission import MAX_WARNING, admit
 from app.patching import ObjectShapeError
 from app.review import parse_review
-from app.rules import ImagePullPolicy, NamespaceLabels, RemoveResourceLimits, qos_class
-from app.rules.defaults import parse_quantity
+from app.rules import ImagePullPolicy, NamespaceLabels, RemoveResourceLimits
+from app.rules.limits import parse_quantity
 
-from .support import make_request, pod, review_doc, shipped_rules
+from .support import make_request, pod, qos_class, review_doc, shipped_rules
 
 RULES = shipped_rules()
 NAMESPACES = {"team-a": {"agentpool": "pool1"}}
@@ -71,15 +71,15 @@ def test_defaults_namespace_name_that_is_not_a_string_is_a_shape_error(field):
 
 
 def test_defaults_namespace_name_pattern_enforced_denies():
-    rules = with_rule("namespace-labels", impl=NamespaceLabels(namePatternEnforcement="enforce"))
+    rules = with_rule("namespace-labels", policy=NamespaceLabels(namePatternEnforcement="enforce"))
     response = decide(namespace("sandbox"), rules).response
     assert not response.allowed and "choose a name that does" in response.message
     assert decide(namespace("12345-a-prod"), rules).response.allowed
 
 
 def test_defaults_namespace_name_pattern_can_be_off():
-    for rules in (with_rule("namespace-labels", impl=NamespaceLabels(namePattern=None)),
-                  with_rule("namespace-labels", impl=NamespaceLabels(namePatternEnforcement="off"))):
+    for rules in (with_rule("namespace-labels", policy=NamespaceLabels(namePattern=None)),
+                  with_rule("namespace-labels", policy=NamespaceLabels(namePatternEnforcement="off"))):
         assert decide(namespace("sandbox"), rules).response.warnings == ()
 
 
@@ -106,7 +106,7 @@ def test_defaults_image_pull_policy_sets_every_container():
 
 
 def test_defaults_image_pull_policy_other_value():
-    rules = with_rule("image-pull-policy", impl=ImagePullPolicy(policy="IfNotPresent"))
+    rules = with_rule("image-pull-policy", policy=ImagePullPolicy(policy="IfNotPresent"))
     obj = platform_pod()
     assert apply(obj, decide(obj, rules).response)["spec"]["containers"][0][
         "imagePullPolicy"] == "IfNotPresent"
@@ -137,7 +137,7 @@ def test_defaults_cpu_limits_removed_keeping_requests_and_memory():
 
 def test_defaults_removing_several_resources():
     rules = with_rule("remove-cpu-limits",
-                      impl=RemoveResourceLimits(resources=["cpu", "memory"]))
+                      policy=RemoveResourceLimits(resources=["cpu", "memory"]))
     obj = pod(namespace="team-a")
     obj["spec"]["containers"][0]["resources"] = resources(limits={"cpu": "1", "memory": "1Gi",
                                                                   "nvidia.com/gpu": "1"})
@@ -199,7 +199,7 @@ def test_engine_composes_all_rules_into_one_patch():
 
 
 def test_engine_denial_wins_and_names_every_denying_rule():
-    rules = with_rule("namespace-labels", impl=NamespaceLabels(namePatternEnforcement="enforce"))
+    rules = with_rule("namespace-labels", policy=NamespaceLabels(namePatternEnforcement="enforce"))
     obj = namespace("sandbox")
     decision = decide(obj, rules)
     assert not decision.response.allowed and decision.response.patch == ()
@@ -273,7 +273,7 @@ def test_engine_looks_up_a_namespace_once_per_request():
 
 def test_defaults_removing_other_limits_keeps_guaranteed_without_warning():
     rules = with_rule("remove-cpu-limits",
-                      impl=RemoveResourceLimits(resources=["ephemeral-storage"]))
+                      policy=RemoveResourceLimits(resources=["ephemeral-storage"]))
     obj = pod(namespace="team-a")
     obj["spec"]["containers"][0]["resources"] = resources(
         limits={"cpu": "1", "memory": "1Gi", "ephemeral-storage": "1Gi"})

@@ -5,17 +5,18 @@ from __future__ import annotations
 import io
 import json
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from app import webhook
 from app.logs import JSONFormatter, JSONLineHandler
 
 
 def reference_time(created: float) -> str:
-    return datetime.fromtimestamp(created, timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")
 
 
 @given(st.floats(min_value=-1e9, max_value=4e9, allow_nan=False))
@@ -54,7 +55,7 @@ def admission_lines():
 
 
 def test_logs_admission_line_has_the_fields_in_order(admission_lines):
-    webhook._observe(None, "error", 0.0012345, status=400, error="the body is not valid JSON")
+    webhook._observe(None, "error", 0.0012345, {"status": 400, "error": "the body is not valid JSON"})
     (line,) = admission_lines()
     assert list(line) == ["time", "level", "logger", "pid", "uid", "kind", "operation",
                           "decision", "status", "error", "ms"]
@@ -65,7 +66,7 @@ def test_logs_admission_line_has_the_fields_in_order(admission_lines):
 
 def test_logs_admission_line_names_its_caller(admission_lines, caplog):
     with caplog.at_level(logging.INFO, logger="poolkeeper.admission"):
-        webhook._observe(None, "error", 0.001, status=500, error="bug")
+        webhook._observe(None, "error", 0.001, {"status": 500, "error": "bug"})
     (record,) = caplog.records
     assert (record.funcName, record.filename, record.getMessage()) == (
         "_observe", "webhook.py", "review")
@@ -74,9 +75,9 @@ def test_logs_admission_line_names_its_caller(admission_lines, caplog):
 
 def test_logs_warning_level_suppresses_the_admission_line(admission_lines):
     logging.getLogger("poolkeeper.admission").setLevel(logging.WARNING)
-    webhook._observe(None, "allowed", 0.001)
+    webhook._observe(None, "allowed", 0.001, {})
     assert admission_lines() == []
-    webhook._observe(None, "error", 0.001, status=400, error="x")
+    webhook._observe(None, "error", 0.001, {"status": 400, "error": "x"})
     assert [line["decision"] for line in admission_lines()] == ["error"]
 
 

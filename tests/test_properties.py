@@ -6,7 +6,8 @@ import copy
 import dataclasses
 
 import jsonpatch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from app.admission import admit
 from app.rules import PoolPlacement
@@ -106,8 +107,8 @@ def rule_sets(draw):
     """The shipped rules, the pool rule with other params, each rule enforce, warn or off."""
     rules = []
     for rule in shipped_rules():
-        if rule.kind == "PoolPlacement":
-            rule = dataclasses.replace(rule, impl=PoolPlacement(
+        if rule.kind_name == "PoolPlacement":
+            rule = dataclasses.replace(rule, policy=PoolPlacement(
                 namespaceLabelKey=draw(st.sampled_from(["agentpool", "example.com/pool"])),
                 nodeLabelKey=draw(st.sampled_from(["agentpool", "kubernetes.azure.com/agentpool",
                                                    "a~b"])),
@@ -128,7 +129,7 @@ def namespace_tables(draw):
 
 
 def pool_rule(rules):
-    return next(r.impl for r in rules if r.kind == "PoolPlacement")
+    return next(r.policy for r in rules if r.kind_name == "PoolPlacement")
 
 
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])

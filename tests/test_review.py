@@ -7,15 +7,23 @@ import base64
 import orjson
 import pytest
 
-from app.review import (AdmissionResponse, ReviewError, allowed, denied, encode_review, errored,
-                        parse_review, patched)
+from app.review import (
+    AdmissionResponse,
+    ReviewError,
+    allowed,
+    denied,
+    encode_review,
+    errored,
+    parse_review,
+    patched,
+)
 
 from .support import pod, review_doc
 
 
 def test_review_parses_a_deployment_pod(deployment_pod_review):
     request = parse_review(deployment_pod_review)
-    assert request.kind.kind == "Pod" and request.kind.group == "" and request.operation == "CREATE"
+    assert request.gvk.kind == "Pod" and request.gvk.group == "" and request.operation == "CREATE"
     assert request.namespace == "team-payments" and request.name == ""
     assert request.display_name.endswith("*") and request.user
     assert request.old_object is None and request.dry_run is False

@@ -33,7 +33,7 @@ def test_rule_cases_cover_every_rule_with_mutate_leave_alone_and_deny():
             kinds.add("leave-alone")
     assert set(by_rule) == {r.name for r in RULES}
     for rule in RULES:
-        wanted = {"mutate", "leave-alone"} | ({"deny"} if rule.kind in CAN_DENY else set())
+        wanted = {"mutate", "leave-alone"} | ({"deny"} if rule.kind_name in CAN_DENY else set())
         missing = wanted - by_rule[rule.name]
         assert not missing, f"{rule.name} lacks a case of each kind in {sorted(missing)}"
 

@@ -8,7 +8,8 @@ import shutil
 
 import pytest
 
-from app.rules import RuleStore, RulesError, SHIPPED_RULES, load_rules
+from app.rules import SHIPPED_RULES, RulesError, RuleStore, load_rules
+from app.watch import FileWatcher
 
 from .support import ROOT
 
@@ -58,7 +59,7 @@ def test_rules_loader_parses_selectors_and_defaults(tmp_path):
     assert minimal.match.operations == {"CREATE"} and minimal.enforcement == "enforce"
     assert minimal.match.excluded_namespaces == {"kube-system", "kube-public", "kube-node-lease",
                                                  "poolkeeper-system"}
-    assert minimal.impl.resources == ("cpu",)
+    assert minimal.policy.resources == ("cpu",)
     assert pull.match.object_selector.matches({"platform": "true", "tier": "web"})
     assert not pull.match.object_selector.matches({"platform": "true", "tier": "db"})
     assert pull.match.namespace_selector.matches({"team": "x"})
@@ -161,46 +162,53 @@ def test_rules_loader_needs_a_directory_with_rules(tmp_path):
         load_rules(tmp_path)
 
 
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
+def reloads() -> dict[str, float]:
+    """poolkeeper_rules_reload_total by result, in this process."""
+    from prometheus_client import REGISTRY
 
-    def __call__(self):
-        return self.now
+    return {result: REGISTRY.get_sample_value("poolkeeper_rules_reload_total",
+                                              {"result": result}) or 0.0
+            for result in ("success", "failure")}
+
+
+def reloaded_since(before: dict[str, float]) -> dict[str, float]:
+    after = reloads()
+    return {result: after[result] - before[result] for result in after}
 
 
 def test_rules_store_reloads_a_changed_directory(tmp_path):
     shutil.copytree(SHIPPED_RULES, tmp_path / "rules")
-    clock = Clock()
-    store = RuleStore(tmp_path / "rules", clock=clock)
+    watcher = FileWatcher()
+    before = reloads()
+    store = RuleStore(tmp_path / "rules", watcher=watcher)
     assert store.rules("placement")[0].enforcement == "enforce"
     path = tmp_path / "rules/agentpool-node-selector.yaml"
     path.write_text(path.read_text().replace("enforcement: enforce", "enforcement: warn"))
-    assert store.rules("placement")[0].enforcement == "enforce", "checked at most once a second"
-    clock.now += 1.5
+    assert store.rules("placement")[0].enforcement == "enforce", "only the watcher reloads"
+    watcher.check()
     assert store.rules("placement")[0].enforcement == "warn"
-    assert store.reloads == {"success": 1, "failure": 0}
+    assert reloaded_since(before) == {"success": 1, "failure": 0}
     assert [r.name for r in store.rules("defaults")] == ["image-pull-policy", "remove-cpu-limits"]
     assert len(store.rules()) == 4
 
 
 def test_rules_store_keeps_the_running_set_when_a_change_is_invalid(tmp_path, caplog):
     shutil.copytree(SHIPPED_RULES, tmp_path / "rules")
-    clock = Clock()
-    store = RuleStore(tmp_path / "rules", clock=clock)
+    watcher = FileWatcher()
+    before = reloads()
+    store = RuleStore(tmp_path / "rules", watcher=watcher)
     path = tmp_path / "rules/image-pull-policy.yaml"
     path.write_text(path.read_text().replace("policy: Always", "policy: Sometimes"))
-    clock.now += 1.5
     with caplog.at_level(logging.ERROR, "poolkeeper.rules"):
+        watcher.check()  # this pass reloads (and refuses) the change
         rules = store.rules()
-        clock.now += 1.5
-        store.rules()  # unchanged since: not reported again
-    assert len(rules) == 4 and rules[1].impl.policy == "Always"
-    assert store.reloads == {"success": 0, "failure": 1}
+        watcher.check()  # unchanged since: not reported again
+    assert len(rules) == 4 and rules[1].policy.policy == "Always"
+    assert reloaded_since(before) == {"success": 0, "failure": 1}
     assert len(caplog.records) == 1 and "params.policy" in caplog.records[0].getMessage()
     path.write_text(path.read_text().replace("policy: Sometimes", "policy: Never"))
-    clock.now += 1.5
-    assert store.rules()[1].impl.policy == "Never"
+    watcher.check()
+    assert store.rules()[1].policy.policy == "Never"
 
 
 def test_rules_store_follows_a_configmap_symlink_swap(tmp_path):
@@ -212,27 +220,28 @@ def test_rules_store_follows_a_configmap_symlink_swap(tmp_path):
     os.symlink(first.name, volume / "..data")
     for name in os.listdir(first):
         os.symlink(f"..data/{name}", volume / name)
-    clock = Clock()
-    store = RuleStore(volume, clock=clock)
+    watcher = FileWatcher()
+    store = RuleStore(volume, watcher=watcher)
     second = volume / "..2026_01_02"
     shutil.copytree(SHIPPED_RULES, second)
     rule = second / "remove-cpu-limits.yaml"
     rule.write_text(rule.read_text().replace("resources: [cpu]", "resources: [cpu, memory]"))
     os.symlink(second.name, volume / "..data_tmp")
     os.replace(volume / "..data_tmp", volume / "..data")
-    clock.now += 1.5
-    assert store.rules()[3].impl.resources == ("cpu", "memory")
+    watcher.check()
+    assert store.rules()[3].policy.resources == ("cpu", "memory")
 
 
 def test_rules_store_survives_a_vanished_directory(tmp_path, caplog):
     shutil.copytree(SHIPPED_RULES, tmp_path / "rules")
-    clock = Clock()
-    store = RuleStore(tmp_path / "rules", clock=clock)
+    watcher = FileWatcher()
+    before = reloads()
+    store = RuleStore(tmp_path / "rules", watcher=watcher)
     shutil.rmtree(tmp_path / "rules")
-    clock.now += 1.5
     with caplog.at_level(logging.ERROR, "poolkeeper.rules"):
+        watcher.check()
         assert len(store.rules()) == 4
-    assert store.reloads["failure"] == 1
+    assert reloaded_since(before)["failure"] == 1
 
 
 def test_rules_shipped_directory_is_the_repository_rules():

@@ -411,7 +411,7 @@ def test_server_image_entry_point_refuses_invalid_rules_in_one_message(tmp_path,
     env.update(POOLKEEPER_RULES_DIR=str(rules), POOLKEEPER_CERT_DIR=str(cert_dir),
                POOLKEEPER_NAMESPACES=str(TESTDATA / "namespaces.yaml"),
                POOLKEEPER_PORT=str(free_port()))
-    result = subprocess.run([sys.executable, "-m", "gunicorn", "-c", "python:app.gunicorn_conf"],
+    result = subprocess.run([sys.executable, "-m", "gunicorn", "-c", "python:app.server.conf"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "remove-cpu-limits.yaml: kind: 'Nope' is not one of PoolPlacement" in result.stderr

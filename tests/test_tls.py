@@ -1,4 +1,4 @@
-"""Tests for app.tls: the cached server context, its reload on rotation, and the gunicorn hook."""
+"""Tests for app.server.tls: the cached server context, its reload on rotation, and the gunicorn hook."""
 
 from __future__ import annotations
 
@@ -14,24 +14,13 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from app.certs import create_certificates
-from app.tls import (CHECK_INTERVAL, ReloadingTLSContext, TLSContextError, cert_paths,
-                     gunicorn_ssl_context_hook)
+from app.certs import cert_paths, create_certificates
+from app.server.tls import ReloadingTLSContext, SSLContextHook, TLSContextError
+from app.watch import FileWatcher
 
 SERVICE, NAMESPACE = "poolkeeper", "poolkeeper-system"
 SERVICE_HOST = "poolkeeper.poolkeeper-system.svc"
 TIMEOUT = 10  # seconds; a bound on every socket operation, never asserted on
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float = CHECK_INTERVAL) -> None:
-        self.now += seconds
 
 
 class TLSServer:
@@ -108,26 +97,26 @@ def test_cert_paths_are_tls_crt_and_tls_key(tmp_path):
 
 
 def test_reloading_context_is_cached_while_files_are_unchanged(pair):
-    clock = FakeClock()
-    tls = ReloadingTLSContext(*cert_paths(pair), clock=clock)
+    watcher = FileWatcher()
+    tls = ReloadingTLSContext(*cert_paths(pair), watcher)
     first = tls.context()
     assert isinstance(first, ssl.SSLContext)
     for _ in range(3):
-        clock.advance()
+        watcher.check()
         assert tls.context() is first
     assert tls.generation == 1
 
 
 def test_reloading_context_is_a_modern_server_context(pair):
-    ctx = ReloadingTLSContext(*cert_paths(pair)).context()
+    ctx = ReloadingTLSContext(*cert_paths(pair), FileWatcher()).context()
     assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
     assert ctx.options & ssl.OP_NO_COMPRESSION
     assert ctx.verify_mode == ssl.CERT_NONE  # the API server sends no client certificate
 
 
 def test_reloading_context_serves_the_rotated_pair(pair):
-    clock = FakeClock()
-    tls = ReloadingTLSContext(*cert_paths(pair), clock=clock)
+    watcher = FileWatcher()
+    tls = ReloadingTLSContext(*cert_paths(pair), watcher)
     old_ca = (pair / "ca.crt").read_bytes()
     old_ctx = tls.context()
     with TLSServer(tls.context) as server:
@@ -139,7 +128,7 @@ def test_reloading_context_serves_the_rotated_pair(pair):
 
         # Within the interval the cached context still serves the old pair.
         assert server.handshake(client_for(old_ca)) != der_of(pair / "tls.crt")
-        clock.advance()
+        watcher.check()
         assert server.handshake(client_for(new_ca)) == der_of(pair / "tls.crt")
         with pytest.raises(ssl.SSLCertVerificationError, match="certificate verify failed"):
             server.handshake(client_for(old_ca))
@@ -150,19 +139,19 @@ def test_reloading_context_serves_the_rotated_pair(pair):
 
 
 def test_reloading_context_keeps_old_pair_when_new_key_is_corrupt(pair, caplog):
-    clock = FakeClock()
+    watcher = FileWatcher()
     cert_file, key_file = cert_paths(pair)
-    tls = ReloadingTLSContext(cert_file, key_file, clock=clock)
+    tls = ReloadingTLSContext(cert_file, key_file, watcher)
     old_ca = (pair / "ca.crt").read_bytes()
     old_der = der_of(cert_file)
     old_ctx = tls.context()
 
     create_certificates(pair, SERVICE, NAMESPACE, force=True)  # a new pair...
     Path(key_file).write_text("-----BEGIN PRIVATE KEY-----\ngarbage\n-----END PRIVATE KEY-----\n")
-    clock.advance()
+    watcher.check()
     with caplog.at_level(logging.ERROR, logger="poolkeeper.tls"):
         assert tls.context() is old_ctx  # ...whose key does not load
-        clock.advance()
+        watcher.check()
         assert tls.context() is old_ctx
     errors = [r for r in caplog.records
               if r.name == "poolkeeper.tls" and r.levelno == logging.ERROR]
@@ -174,7 +163,7 @@ def test_reloading_context_keeps_old_pair_when_new_key_is_corrupt(pair, caplog):
 
     # Fixing the files is picked up at the next check.
     fixed = create_certificates(pair, SERVICE, NAMESPACE, force=True)
-    clock.advance()
+    watcher.check()
     assert tls.context() is not old_ctx
     with TLSServer(tls.context) as server:
         assert server.handshake(client_for(Path(fixed.ca_file).read_bytes())) == der_of(cert_file)
@@ -182,16 +171,16 @@ def test_reloading_context_keeps_old_pair_when_new_key_is_corrupt(pair, caplog):
 
 def test_reloading_context_keeps_old_pair_during_a_half_rotation(pair, tmp_path):
     # New key in place, certificate not yet: the mismatched pair must not be served.
-    clock = FakeClock()
+    watcher = FileWatcher()
     cert_file, key_file = cert_paths(pair)
-    tls = ReloadingTLSContext(cert_file, key_file, clock=clock)
+    tls = ReloadingTLSContext(cert_file, key_file, watcher)
     old_ctx = tls.context()
     other = create_certificates(tmp_path / "other", SERVICE, NAMESPACE)
     os.replace(other.key_file, key_file)
-    clock.advance()
+    watcher.check()
     assert tls.context() is old_ctx
     os.replace(other.cert_file, cert_file)
-    clock.advance()
+    watcher.check()
     new_ctx = tls.context()
     assert new_ctx is not old_ctx
     with TLSServer(tls.context) as server:
@@ -201,8 +190,8 @@ def test_reloading_context_keeps_old_pair_during_a_half_rotation(pair, tmp_path)
 def test_reloading_context_is_safe_across_threads(pair):
     # gthread workers call the hook from several threads; rotation mid-flight must neither raise
     # nor hand out anything but a loaded context, and reloads once.
-    clock = FakeClock()
-    tls = ReloadingTLSContext(*cert_paths(pair), clock=clock)
+    watcher = FileWatcher()
+    tls = ReloadingTLSContext(*cert_paths(pair), watcher)
     old_ctx = tls.context()
     start = threading.Barrier(9)
     seen: list[set[int]] = [set() for _ in range(8)]
@@ -224,12 +213,12 @@ def test_reloading_context_is_safe_across_threads(pair):
     start.wait(TIMEOUT)
     create_certificates(pair, SERVICE, NAMESPACE, force=True)
     for _ in range(5):
-        clock.advance()
+        watcher.check()
     for t in threads:
         t.join(TIMEOUT)
     assert not any(t.is_alive() for t in threads)
     assert failures == []
-    clock.advance()
+    watcher.check()
     new_ctx = tls.context()
     assert new_ctx is not old_ctx and tls.generation == 2
     assert set().union(*seen) <= {id(old_ctx), id(new_ctx)}
@@ -243,13 +232,13 @@ def test_reloading_context_follows_a_secret_volume_swap(tmp_path):
     (volume / "..data").symlink_to("..v1")
     for name in ("ca.crt", "tls.crt", "tls.key"):
         (volume / name).symlink_to(f"..data/{name}")
-    clock = FakeClock()
-    tls = ReloadingTLSContext(*cert_paths(volume), clock=clock)
+    watcher = FileWatcher()
+    tls = ReloadingTLSContext(*cert_paths(volume), watcher)
     old_ctx = tls.context()
 
     (volume / "..data_tmp").symlink_to("..v2")
     os.replace(volume / "..data_tmp", volume / "..data")
-    clock.advance()
+    watcher.check()
     assert tls.context() is not old_ctx
     with TLSServer(tls.context) as server:
         presented = server.handshake(client_for(Path(second.ca_file).read_bytes()))
@@ -260,11 +249,11 @@ def test_reloading_context_follows_a_secret_volume_swap(tmp_path):
 
 def test_reloading_context_refuses_to_start_without_a_pair(tmp_path):
     with pytest.raises(TLSContextError, match="cannot load .*tls.crt and .*tls.key"):
-        ReloadingTLSContext(*cert_paths(tmp_path))
+        ReloadingTLSContext(*cert_paths(tmp_path), FileWatcher())
 
 
 def test_reloading_context_refuses_tls_1_1(pair):
-    tls = ReloadingTLSContext(*cert_paths(pair))
+    tls = ReloadingTLSContext(*cert_paths(pair), FileWatcher())
     ca = (pair / "ca.crt").read_bytes()
     old_client = client_for(ca)
     try:
@@ -292,8 +281,8 @@ def test_reloading_context_refuses_tls_1_1(pair):
 
 
 def test_gunicorn_hook_caches_one_context_per_process(pair, monkeypatch):
-    clock = FakeClock()
-    hook = gunicorn_ssl_context_hook(*cert_paths(pair), clock=clock)
+    watcher = FileWatcher()
+    hook = SSLContextHook(*cert_paths(pair), watcher)
     factory_calls = []
 
     def default_factory():
@@ -302,7 +291,7 @@ def test_gunicorn_hook_caches_one_context_per_process(pair, monkeypatch):
 
     conf = object()
     first = hook(conf, default_factory)
-    clock.advance()
+    watcher.check()
     assert hook(conf, default_factory) is first
     assert factory_calls == []
     reloading = hook.reloading_context()
@@ -318,11 +307,11 @@ def test_gunicorn_hook_caches_one_context_per_process(pair, monkeypatch):
 
 
 def test_gunicorn_hook_follows_rotation(pair):
-    clock = FakeClock()
-    hook = gunicorn_ssl_context_hook(*cert_paths(pair), clock=clock)
+    watcher = FileWatcher()
+    hook = SSLContextHook(*cert_paths(pair), watcher)
     first = hook(None, None)
     new = create_certificates(pair, SERVICE, NAMESPACE, force=True)
-    clock.advance()
+    watcher.check()
     with TLSServer(lambda: hook(None, None)) as server:
         assert server.handshake(client_for(Path(new.ca_file).read_bytes())) == der_of(new.cert_file)
     assert hook(None, None) is not first
@@ -335,7 +324,7 @@ def test_gunicorn_hook_warns_about_settings_it_does_not_apply(pair, caplog):
         ciphers = None
         http_protocols = ["h2", "h1"]
 
-    hook = gunicorn_ssl_context_hook(*cert_paths(pair))
+    hook = SSLContextHook(*cert_paths(pair), FileWatcher())
     with caplog.at_level(logging.WARNING, logger="poolkeeper.tls"):
         hook(Conf(), None)
     assert "not applied by poolkeeper's ssl_context hook: ca_certs, cert_reqs, http_protocols=h2" \

@@ -1,15 +1,27 @@
-"""Owns the rules: rule kinds (pool placement and the defaults) and the loading of rules/*.yaml."""
+"""Owns the rules: rule kinds (pool placement and the defaults), loading rules/*.yaml, and the
+rule set in force."""
 
-from .base import (KNOWN_KINDS, NOTHING, LabelSelector, Match, Requirement, Rule, RuleContext,
-                   RuleKind, RuleResult)
-from .defaults import ImagePullPolicy, NamespaceLabels, RemoveResourceLimits, qos_class
-from .loader import (ENFORCEMENTS, RULE_KINDS, SHIPPED_RULES, WEBHOOKS, RuleStore, RulesError,
-                     load_rules, parse_rule_file)
+from .base import NOTHING, LabelSelector, Match, Policy, Requirement, Rule, RuleContext, RuleResult
+from .limits import RemoveResourceLimits
+from .loader import (
+                   DEFAULT_EXCLUDED_NAMESPACES,
+                   ENFORCEMENTS,
+                   RULE_KINDS,
+                   SHIPPED_RULES,
+                   WEBHOOKS,
+                   RulesError,
+                   load_rules,
+                   parse_rule_file,
+)
+from .namespace_labels import NamespaceLabels
 from .pool import MIRROR_POD_ANNOTATION, PoolPlacement
+from .pull_policy import ImagePullPolicy
+from .store import RuleStore
 
 __all__ = [
-    "KNOWN_KINDS", "NOTHING", "LabelSelector", "Match", "Requirement", "Rule", "RuleContext",
-    "RuleKind", "RuleResult", "ImagePullPolicy", "NamespaceLabels", "RemoveResourceLimits",
-    "qos_class", "ENFORCEMENTS", "RULE_KINDS", "SHIPPED_RULES", "WEBHOOKS", "RuleStore",
-    "RulesError", "load_rules", "parse_rule_file", "MIRROR_POD_ANNOTATION", "PoolPlacement",
+    "NOTHING", "LabelSelector", "Match", "Policy", "Requirement", "Rule", "RuleContext",
+    "RuleResult", "ImagePullPolicy", "NamespaceLabels", "RemoveResourceLimits",
+    "DEFAULT_EXCLUDED_NAMESPACES", "ENFORCEMENTS", "RULE_KINDS", "SHIPPED_RULES", "WEBHOOKS",
+    "RuleStore", "RulesError", "load_rules", "parse_rule_file", "MIRROR_POD_ANNOTATION",
+    "PoolPlacement",
 ]

@@ -8,25 +8,21 @@ warnings. The engine (:mod:`app.admission`) applies the rule's enforcement to th
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Mapping, Protocol
+from typing import Any, Protocol
 
-from ..patching import ObjectEditor, lookup
+from ..kinds import OBJECT_KINDS
+from ..patching import ObjectEditor, Path, expect_list, lookup
 from ..review import AdmissionRequest
 
 NamespaceLookup = Callable[[str], Mapping[str, str] | None]
 
-# Kinds a rule may name in match.kinds: kind -> (API group, cluster-scoped).
-KNOWN_KINDS: dict[str, tuple[str, bool]] = {
-    "Pod": ("", False),
-    "DaemonSet": ("apps", False),
-    "Namespace": ("", True),
-}
-
 
 @dataclass(frozen=True, slots=True)
 class RuleResult:
-    effects: tuple[str, ...] = ()  # what the rule changed, e.g. "set imagePullPolicy=Always on 2 containers"
+    # what the rule changed, e.g. "set imagePullPolicy=Always on 2 containers"
+    effects: tuple[str, ...] = ()
     denials: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
     # auditAnnotations for the audit log, e.g. {"pool": "pool1"}; sent when the request is patched
@@ -62,24 +58,32 @@ class RuleContext:
         return self._labels[name]
 
 
+@dataclass(frozen=True, slots=True)
 class Param:
     """One setting of a rule kind: its default and a check that returns a problem or None."""
 
-    def __init__(self, default: Any, check: Callable[[Any], str | None], help: str):
-        self.default = default
-        self.check = check
-        self.help = help
+    default: Any
+    check: Callable[[Any], str | None]
 
 
-class RuleKind(Protocol):
-    """A rule kind: a class built from validated params, evaluated once per matching request."""
+class Policy(Protocol):
+    """What a rule file's ``kind:`` names: a class built from the file's validated params,
+    evaluated once per matching request. ``KIND_NAME`` is that ``kind:`` value."""
 
-    KIND: ClassVar[str]
-    KINDS: ClassVar[tuple[str, ...]]  # the object kinds it can act on (keys of KNOWN_KINDS)
-    OPERATIONS: ClassVar[tuple[str, ...]]
-    PARAMS: ClassVar[dict[str, Param]]
+    KIND_NAME: str
+    OBJECT_KINDS: tuple[str, ...]  # the object kinds it can act on (app.kinds)
+    OPERATIONS: tuple[str, ...]
+    PARAMS: dict[str, Param]
 
     def evaluate(self, ctx: RuleContext, editor: ObjectEditor) -> RuleResult: ...
+
+
+def pod_containers(pod: Any) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """(path, container) for every init container and container of a pod."""
+    for field in ("initContainers", "containers"):
+        for index, container in enumerate(expect_list(pod, ("spec", field))):
+            if isinstance(container, dict):
+                yield ("spec", field, index), container
 
 
 @dataclass(frozen=True)
@@ -120,10 +124,11 @@ class Match:
         request = ctx.request
         if request.sub_resource or request.operation not in self.operations:
             return False
-        if (request.kind.group, request.kind.kind) not in self.kinds:
+        if (request.gvk.group, request.gvk.kind) not in self.kinds:
             return False
         obj = request.object or {}
-        cluster_scoped = KNOWN_KINDS.get(request.kind.kind, ("", False))[1]
+        kind = OBJECT_KINDS.get(request.gvk.kind)
+        cluster_scoped = kind is not None and kind.cluster_scoped
         # A Namespace is judged by its own name and labels, as the API server's
         # namespaceSelector does for namespace objects.
         namespace = (request.name or _name(obj)) if cluster_scoped else ctx.namespace
@@ -154,9 +159,8 @@ class Rule:
 
     name: str
     description: str
-    kind: str
+    kind_name: str  # the file's kind:, e.g. PoolPlacement
     match: Match
-    impl: RuleKind
+    policy: Policy
     enforcement: str = "enforce"  # enforce | warn | off
     webhook: str = "defaults"  # the path /mutate/<webhook> that runs it
-    source: str = ""  # the file it came from

@@ -1,11 +1,11 @@
-"""Owns rules/*.yaml: loading and validating rule files, and reloading a changed directory.
+"""Owns rules/*.yaml: loading and validating rule files (:mod:`.store` reloads a changed directory).
 
 A rule file::
 
     name: image-pull-policy          # equal to the file name, kebab-case
     description: ...
     kind: ImagePullPolicy            # one of RULE_KINDS
-    webhook: defaults                # placement | defaults | namespaces: served on /mutate/<webhook>
+    webhook: defaults                # placement | defaults | namespaces: on /mutate/<webhook>
                                      # (default: the kind's, DEFAULT_WEBHOOK)
     enforcement: enforce             # enforce | warn | off
     match:
@@ -25,28 +25,34 @@ from __future__ import annotations
 import logging
 import os
 import re
-import threading
-import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import yaml
 
-from ..config import DEFAULT_EXCLUDED_NAMESPACES, ConfigError
-from .base import KNOWN_KINDS, LabelSelector, Match, Requirement, Rule, RuleKind
-from .defaults import ImagePullPolicy, NamespaceLabels, RemoveResourceLimits
+from ..config import ConfigError
+from ..kinds import OBJECT_KINDS
+from .base import LabelSelector, Match, Policy, Requirement, Rule
+from .limits import RemoveResourceLimits
+from .namespace_labels import NamespaceLabels
 from .params import label_key, label_value
 from .pool import PoolPlacement
+from .pull_policy import ImagePullPolicy
 
 log = logging.getLogger("poolkeeper.rules")
 
-RULE_KINDS: dict[str, type] = {k.KIND: k for k in (PoolPlacement, NamespaceLabels,
-                                                    ImagePullPolicy, RemoveResourceLimits)}
+_POLICIES: tuple[type[Policy], ...] = (PoolPlacement, NamespaceLabels, ImagePullPolicy,
+                                       RemoveResourceLimits)
+RULE_KINDS: dict[str, type[Policy]] = {k.KIND_NAME: k for k in _POLICIES}
 ENFORCEMENTS = ("enforce", "warn", "off")
 WEBHOOKS = ("placement", "defaults", "namespaces")
 # The webhook a kind runs on when the file names none. PoolPlacement may run on no other: on the
 # fail-open paths a webhook outage would let pods escape their pool.
 DEFAULT_WEBHOOK = {"PoolPlacement": "placement", "NamespaceLabels": "namespaces"}
+# Namespaces rules leave alone unless a rule file says otherwise: the control plane's own and
+# poolkeeper's, so the webhook can always restart.
+DEFAULT_EXCLUDED_NAMESPACES = ("kube-system", "kube-public", "kube-node-lease", "poolkeeper-system")
 _FIELDS = ("name", "description", "kind", "webhook", "enforcement", "match", "params")
 _MATCH_FIELDS = ("kinds", "operations", "namespaceSelector", "objectSelector",
                  "excludedNamespaces")
@@ -75,7 +81,7 @@ def load_rules(directory: str | os.PathLike[str]) -> tuple[Rule, ...]:
     directory = Path(directory)
     if not directory.is_dir():
         raise RulesError(f"rules directory {directory} does not exist")
-    files = _rule_files(directory)
+    files = rule_files(directory)
     if not files:
         raise RulesError(f"{directory} holds no rule files (*.yaml)")
     rules, problems = [], []
@@ -89,7 +95,7 @@ def load_rules(directory: str | os.PathLike[str]) -> tuple[Rule, ...]:
     return tuple(rules)
 
 
-def _rule_files(directory: Path) -> list[Path]:
+def rule_files(directory: Path) -> list[Path]:
     # ConfigMap volumes hold '..data' and '..<timestamp>' entries beside the files: skip dotfiles.
     return sorted(p for p in directory.iterdir()
                   if p.suffix == ".yaml" and not p.name.startswith(".") and p.is_file())
@@ -128,24 +134,27 @@ def _parse_rule(doc: Mapping[str, Any], stem: str, problems: _Problems) -> Rule 
         problems.add("enforcement", f"{enforcement!r} is not one of {', '.join(ENFORCEMENTS)}")
     kind_name = doc.get("kind")
     kind = RULE_KINDS.get(kind_name) if isinstance(kind_name, str) else None
-    webhook = doc.get("webhook", DEFAULT_WEBHOOK.get(kind_name, "defaults"))
+    webhook = doc.get("webhook", DEFAULT_WEBHOOK.get(kind_name, "defaults")
+                      if isinstance(kind_name, str) else "defaults")
     if webhook not in WEBHOOKS:
         problems.add("webhook", f"{webhook!r} is not one of {', '.join(WEBHOOKS)}")
     elif kind_name == "PoolPlacement" and webhook != "placement":
         problems.add("webhook", f"{webhook!r}: PoolPlacement rules run on placement, the webhook "
-                                "that fails closed (elsewhere an outage lets pods escape their pool)")
+                                "that fails closed (elsewhere an outage lets pods escape their "
+                                "pool)")
     if kind is None:
         problems.add("kind", f"{kind_name!r} is not one of {', '.join(RULE_KINDS)}")
         return None
-    impl = _build_kind(kind, doc.get("params"), problems)
+    policy = _build_policy(kind, doc.get("params"), problems)
     match = _parse_match(doc.get("match"), kind, problems)
-    if impl is None or match is None or problems.items:
+    if policy is None or match is None or problems.items:
         return None
-    return Rule(name=name, description=description, kind=kind_name, match=match, impl=impl,
-                enforcement=enforcement, webhook=webhook, source=problems.source)
+    assert isinstance(name, str)  # checked above, else problems.items is not empty
+    return Rule(name=name, description=description, kind_name=kind.KIND_NAME, match=match,
+                policy=policy, enforcement=enforcement, webhook=webhook)
 
 
-def _build_kind(kind: type, params: Any, problems: _Problems) -> RuleKind | None:
+def _build_policy(kind: type[Policy], params: Any, problems: _Problems) -> Policy | None:
     if params is None:
         params = {}
     if not isinstance(params, dict):
@@ -155,7 +164,7 @@ def _build_kind(kind: type, params: Any, problems: _Problems) -> RuleKind | None
     for key, value in params.items():
         spec = kind.PARAMS.get(key)
         if spec is None:
-            problems.add(f"params.{key}", f"unknown param of {kind.KIND}; allowed: "
+            problems.add(f"params.{key}", f"unknown param of {kind.KIND_NAME}; allowed: "
                                           f"{', '.join(kind.PARAMS)}")
             continue
         problem = spec.check(value)
@@ -179,7 +188,7 @@ def _string_list(value: Any, field: str, allowed: tuple[str, ...] | None,
     return frozenset(value)
 
 
-def _parse_match(doc: Any, kind: type, problems: _Problems) -> Match | None:
+def _parse_match(doc: Any, kind: type[Policy], problems: _Problems) -> Match | None:
     if doc is None:
         doc = {}
     if not isinstance(doc, dict):
@@ -188,7 +197,8 @@ def _parse_match(doc: Any, kind: type, problems: _Problems) -> Match | None:
     for field in doc:
         if field not in _MATCH_FIELDS:
             problems.add(f"match.{field}", f"unknown field; allowed: {', '.join(_MATCH_FIELDS)}")
-    kinds = _string_list(doc.get("kinds", list(kind.KINDS)), "match.kinds", kind.KINDS, problems)
+    kinds = _string_list(doc.get("kinds", list(kind.OBJECT_KINDS)), "match.kinds",
+                         kind.OBJECT_KINDS, problems)
     operations = _string_list(doc.get("operations", list(kind.OPERATIONS)), "match.operations",
                               kind.OPERATIONS, problems)
     excluded = _string_list(doc.get("excludedNamespaces", list(DEFAULT_EXCLUDED_NAMESPACES)),
@@ -204,7 +214,7 @@ def _parse_match(doc: Any, kind: type, problems: _Problems) -> Match | None:
                                       problems)
     if kinds is None or operations is None or excluded is None:
         return None
-    return Match(kinds=frozenset((KNOWN_KINDS[k][0], k) for k in kinds), operations=operations,
+    return Match(kinds=frozenset((OBJECT_KINDS[k].group, k) for k in kinds), operations=operations,
                  namespace_selector=namespace_selector, object_selector=object_selector,
                  excluded_namespaces=excluded)
 
@@ -254,74 +264,6 @@ def _parse_selector(doc: Any, field: str, problems: _Problems) -> LabelSelector 
             problems.add(f"{where}.values", f"{operator} needs at least one value")
         elif operator in ("Exists", "DoesNotExist") and values:
             problems.add(f"{where}.values", f"{operator} takes no values")
-        if not problem:
+        if not problem and isinstance(key, str):
             requirements.append(Requirement(key, operator, frozenset(values)))
     return LabelSelector(tuple(requirements))
-
-
-class RuleStore:
-    """The rule set in force, reloaded when the directory changes (a ConfigMap update).
-
-    A changed directory is checked at most once per ``check_interval`` seconds, by one thread at
-    a time; other threads keep the set in force meanwhile. A new set that does not validate is
-    refused, the running set kept, and the error logged once per change.
-    """
-
-    def __init__(self, directory: str | os.PathLike[str], *, check_interval: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic):
-        self.directory = Path(directory)
-        self._check_interval = check_interval
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._signature = self._read_signature()
-        self._rules = load_rules(self.directory)
-        self._by_webhook = _group(self._rules)
-        self._next_check = clock() + check_interval
-        self.reloads = {"success": 0, "failure": 0}
-
-    def rules(self, webhook: str | None = None) -> tuple[Rule, ...]:
-        """The rules in force; only those served on /mutate/<webhook> when one is named."""
-        if self._clock() >= self._next_check and self._lock.acquire(blocking=False):
-            try:
-                self._maybe_reload()
-            finally:
-                self._lock.release()
-        return self._rules if webhook is None else self._by_webhook.get(webhook, ())
-
-    def _read_signature(self) -> tuple:
-        try:
-            entries = []
-            for path in _rule_files(self.directory):
-                st = path.stat()  # follows the ConfigMap's ..data symlinks
-                entries.append((path.name, st.st_mtime_ns, st.st_size, st.st_ino))
-            return tuple(entries)
-        except OSError as exc:
-            return (("error", str(exc)),)
-
-    def _maybe_reload(self) -> None:
-        # Imported here: `poolkeeper serve` loads the rules to check them before gunicorn sets up
-        # the multiprocess metrics directory, which must come before prometheus_client's import.
-        from .. import metrics
-
-        self._next_check = self._clock() + self._check_interval
-        signature = self._read_signature()
-        if signature == self._signature:
-            return
-        self._signature = signature
-        try:
-            rules = load_rules(self.directory)
-        except RulesError as exc:
-            self.reloads["failure"] += 1
-            metrics.RULES_RELOADS.labels("failure").inc()
-            log.error("refused the changed rules in %s, keeping the %d rules in force: %s",
-                      self.directory, len(self._rules), exc)
-            return
-        self._rules, self._by_webhook = rules, _group(rules)
-        self.reloads["success"] += 1
-        metrics.RULES_RELOADS.labels("success").inc()
-        log.info("loaded %d rules from %s: %s", len(rules), self.directory,
-                 ", ".join(f"{r.name} ({r.enforcement})" for r in rules))
-
-
-def _group(rules: tuple[Rule, ...]) -> dict[str, tuple[Rule, ...]]:
-    return {w: tuple(r for r in rules if r.webhook == w) for w in WEBHOOKS}

@@ -1,13 +1,29 @@
-"""Owns the checks of rule params: each returns a problem in words, or None when the value is fine."""
+"""Owns the checks of rule params: each returns a problem in words, or None when the value is
+fine; and the label grammar they check against."""
 
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
-
-from ..config import is_label_key, is_label_value
+from collections.abc import Callable
+from typing import Any
 
 Check = Callable[[Any], "str | None"]
+
+# Label keys: optional DNS-subdomain prefix (<= 253) and '/', then a name of <= 63 characters
+# (k8s.io/apimachinery/pkg/util/validation IsQualifiedName); values <= 63 (IsValidLabelValue).
+_LABEL_NAME = r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)"
+_DNS_SUBDOMAIN = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
+LABEL_KEY_RE = re.compile(rf"^({_DNS_SUBDOMAIN}/)?{_LABEL_NAME}$")
+LABEL_VALUE_RE = re.compile(rf"^({_LABEL_NAME})?$")
+
+
+def is_label_key(key: str) -> bool:
+    prefix, _, name = key.rpartition("/")
+    return bool(LABEL_KEY_RE.match(key)) and len(prefix) <= 253 and len(name) <= 63
+
+
+def is_label_value(value: str) -> bool:
+    return len(value) <= 63 and bool(LABEL_VALUE_RE.match(value))
 
 
 def label_key(value: Any) -> str | None:

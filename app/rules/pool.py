@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
+from ..kinds import pod_spec_path
 from ..patching import ObjectEditor, ObjectShapeError, Path, describe, expect_list, expect_map
 from .base import NOTHING, Param, RuleContext, RuleResult
 from .params import label_key, optional_label_value
@@ -11,12 +12,6 @@ from .params import label_key, optional_label_value
 # The annotation the kubelet puts on the API mirror of a static pod; such pods are never
 # scheduled and never edited (admission plugins leave them alone as well).
 MIRROR_POD_ANNOTATION = "kubernetes.io/config.mirror"
-
-# Where each kind the pool rule handles keeps its pod spec: (API group, kind) -> path.
-POD_SPEC_PATHS: dict[tuple[str, str], Path] = {
-    ("", "Pod"): ("spec",),
-    ("apps", "DaemonSet"): ("spec", "template", "spec"),
-}
 
 
 class PoolPlacement:
@@ -28,16 +23,16 @@ class PoolPlacement:
     judged, as on CREATE. Mirror pods and unpooled namespaces are left alone.
     """
 
-    KIND = "PoolPlacement"
-    KINDS = ("Pod", "DaemonSet")
-    OPERATIONS = ("CREATE", "UPDATE")
+    KIND_NAME = "PoolPlacement"
+    OBJECT_KINDS: tuple[str, ...] = ("Pod", "DaemonSet")
+    OPERATIONS: tuple[str, ...] = ("CREATE", "UPDATE")
     PARAMS = {
-        "namespaceLabelKey": Param("agentpool", label_key, "namespace label naming the pool"),
-        "nodeLabelKey": Param("agentpool", label_key,
-                              "node label key set in nodeSelector (e.g. "
-                              "kubernetes.azure.com/agentpool)"),
-        "defaultPool": Param(None, optional_label_value,
-                             "pool for namespaces without the label; null leaves them alone"),
+        # namespace label naming the pool
+        "namespaceLabelKey": Param("agentpool", label_key),
+        # node label key set in nodeSelector (e.g. kubernetes.azure.com/agentpool)
+        "nodeLabelKey": Param("agentpool", label_key),
+        # pool for namespaces without the label; null leaves them alone
+        "defaultPool": Param(None, optional_label_value),
     }
 
     def __init__(self, namespaceLabelKey: str = "agentpool", nodeLabelKey: str = "agentpool",
@@ -48,10 +43,12 @@ class PoolPlacement:
 
     def evaluate(self, ctx: RuleContext, editor: ObjectEditor) -> RuleResult:
         request = ctx.request
-        spec_path = POD_SPEC_PATHS[(request.kind.group, request.kind.kind)]  # match.kinds: KINDS
+        spec_path = pod_spec_path(request.gvk.group, request.gvk.kind)
+        if spec_path is None:  # pragma: no cover - match.kinds admits only OBJECT_KINDS
+            return NOTHING
         namespace = ctx.namespace
         obj = editor.current
-        is_pod = request.kind.kind == "Pod"
+        is_pod = request.gvk.kind == "Pod"
         if is_pod and MIRROR_POD_ANNOTATION in expect_map(obj, ("metadata", "annotations")):
             return NOTHING
         selector_path = (*spec_path, "nodeSelector")

@@ -1,4 +1,4 @@
-"""Owns the gunicorn configuration; loaded as ``gunicorn -c python:app.gunicorn_conf``.
+"""Owns the gunicorn configuration; loaded as ``gunicorn -c python:app.server.conf``.
 
 Settings come from the ``POOLKEEPER_*`` environment (``poolkeeper serve`` sets it from its
 options), so the container and the CLI run the same configuration.
@@ -9,10 +9,20 @@ import os
 import shutil
 import sys
 import tempfile
+from typing import Any
+
+from app.certs import cert_paths
+from app.config import ConfigError, load_settings
+from app.logs import configure_logging
+from app.rules import SHIPPED_RULES, load_rules
+from app.server.logger import JSONGunicornLogger
+from app.server.tls import SSLContextHook
+from app.server.worker import remember_request
 
 # Metrics from every worker are summed through files in one directory (prometheus_client's
-# multiprocess mode). The variable must be set before prometheus_client is first imported, and
-# the directory must start empty: leftovers of an earlier run would be counted again.
+# multiprocess mode). The variable must be set before prometheus_client is first imported (none
+# of the modules above imports it; app.metrics is imported in the hooks below), and the
+# directory must start empty: leftovers of an earlier run would be counted again.
 _own_metrics_dir = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
 if _own_metrics_dir:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="poolkeeper-metrics-")
@@ -21,33 +31,28 @@ else:
     for _stale in glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "*.db")):
         os.remove(_stale)
 
-from app import metrics  # noqa: E402  (after the variable above)
-from app.config import ConfigError, load_settings  # noqa: E402
-from app.logs import JSONGunicornLogger, configure_logging  # noqa: E402
-from app.tls import cert_paths, gunicorn_ssl_context_hook  # noqa: E402
-from app.webhook import remember_server_request  # noqa: E402
-
 try:
     _settings = load_settings()
     # Invalid settings or rules stop the container here, once, in one message naming each problem
     # (`poolkeeper serve` checks them before it gets here; the image's entry point is gunicorn).
     # Left to the workers, each would fail its boot with a traceback and gunicorn would give up.
-    from app.rules import SHIPPED_RULES, load_rules  # noqa: E402
     load_rules(_settings.rules_dir or SHIPPED_RULES)
 except ConfigError as e:
     sys.stderr.write(f"poolkeeper: {e}\n")
     sys.exit(2)
 configure_logging(_settings.log_level)
 
-wsgi_app = "app.webhook:create_app()"
+# Each worker builds its app (settings from the environment); post_worker_init starts its threads.
+wsgi_app = "app.server.wsgi:application()"
 # IPv6 literals need brackets in a bind address.
 bind = [f"[{_settings.host}]:{_settings.port}" if ":" in _settings.host
         else f"{_settings.host}:{_settings.port}"]
 
 # gthread keeps connections alive: the API server reuses them, and a worker that closed each one
 # would pay a full TLS handshake (~5 ms of CPU here) per review, far above the decision itself.
-# app.worker's subclass keeps idle TLS connections (the API server parks spare ones) off threads.
-worker_class = "app.worker.ThreadWorker"
+# app.server.worker's subclass keeps idle TLS connections (the API server parks spare ones) off
+# threads.
+worker_class = "app.server.worker.ThreadWorker"
 workers = _settings.resolved_workers()
 threads = _settings.threads
 keepalive = _settings.keepalive
@@ -55,7 +60,7 @@ keepalive = _settings.keepalive
 # TLS 1.2+; the context is built once per worker and rebuilt when tls.crt/tls.key change on disk,
 # so a rotated certificate is served without a restart.
 certfile, keyfile = cert_paths(_settings.cert_dir)
-ssl_context = gunicorn_ssl_context_hook(certfile, keyfile)
+ssl_context = SSLContextHook(certfile, keyfile)
 
 # The API server gives up after the webhook's timeoutSeconds (1..30, default 10); a worker stuck
 # far beyond that is restarted.
@@ -82,16 +87,24 @@ loglevel = _settings.log_level
 logger_class = JSONGunicornLogger
 
 
-def pre_request(worker, req):
+def post_worker_init(worker: Any) -> None:
+    # The app was built (load_wsgi) without starting anything; its threads (namespace watch,
+    # event sender) start here, in the worker process, after the fork.
+    worker.wsgi.extensions["poolkeeper"].start()
+
+
+def pre_request(worker: Any, req: Any) -> None:
     # Lets the app close the connection after a 413 (gunicorn drops a Connection header).
-    remember_server_request(req)
+    remember_request(req)
 
 
-def child_exit(server, worker):
+def child_exit(server: Any, worker: Any) -> None:
     # A dead worker's live gauges (cache size, watch age) must not count any more.
+    from app import metrics
+
     metrics.worker_exited(worker.pid)
 
 
-def on_exit(server):
+def on_exit(server: Any) -> None:
     if _own_metrics_dir:
         shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

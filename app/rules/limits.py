@@ -1,0 +1,133 @@
+"""Owns the RemoveResourceLimits rule kind: removes resource limits (cpu by default) from pods."""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Sequence
+from decimal import Decimal, InvalidOperation
+
+from ..patching import ObjectEditor, expect_map, lookup
+from .base import NOTHING, Param, RuleContext, RuleResult, pod_containers
+from .params import label_key, name_list
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+# Resource names: optional DNS prefix and '/', then a name (core/v1 ResourceName).
+_RESOURCE_NAME = r"([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?"
+
+
+class RemoveResourceLimits:
+    """Removes resource limits (default: cpu) from every container and init container.
+
+    ``limits`` itself goes when it becomes empty; requests and other limits stay. Pods annotated
+    ``<keepAnnotation>: "true"`` are left alone. A Guaranteed pod that becomes Burstable gets a
+    warning.
+    """
+
+    KIND_NAME = "RemoveResourceLimits"
+    OBJECT_KINDS: tuple[str, ...] = ("Pod",)
+    OPERATIONS: tuple[str, ...] = ("CREATE",)
+    PARAMS = {
+        # the limits to remove
+        "resources": Param(["cpu"], name_list(_RESOURCE_NAME, "resource names such as cpu")),
+        # pods with this annotation set to "true" keep their limits
+        "keepAnnotation": Param("poolkeeper.io/keep-limits", label_key),
+    }
+
+    def __init__(self, resources: Sequence[str] = ("cpu",),
+                 keepAnnotation: str = "poolkeeper.io/keep-limits"):
+        self.resources = tuple(resources)
+        self.keep_annotation = keepAnnotation
+
+    def evaluate(self, ctx: RuleContext, editor: ObjectEditor) -> RuleResult:
+        obj = editor.current
+        if expect_map(obj, ("metadata", "annotations")).get(self.keep_annotation) == "true":
+            return NOTHING
+        containers = list(pod_containers(obj))
+        removals = []
+        for path, container in containers:
+            limits = expect_map(container, _LIMITS)
+            present = [r for r in self.resources if r in limits]
+            if present:
+                removals.append(((*path, *_LIMITS), present, len(present) == len(limits)))
+        if not removals:
+            return NOTHING
+        # QoS only matters when something goes; it needs every quantity parsed, so only then.
+        was_guaranteed = _guaranteed([container for _, container in containers])
+        for limits_path, present, all_of_them in removals:
+            if all_of_them:
+                editor.remove(limits_path)
+            else:
+                for resource in present:
+                    editor.remove((*limits_path, resource))
+        effects = (f"remove {'/'.join(self.resources)} limits from "
+                   f"{_plural(len(removals), 'container')}",)
+        # Guaranteed needs cpu and memory limits on every container: removing either ends it.
+        if was_guaranteed and any(r in ("cpu", "memory") for _, present, _ in removals
+                                  for r in present):
+            return RuleResult(effects=effects, warnings=(
+                f"QoS class changes from Guaranteed to Burstable: {'/'.join(self.resources)} "
+                "limits removed",))
+        return RuleResult(effects=effects)
+
+
+_LIMITS = ("resources", "limits")
+
+
+_QUANTITY = re.compile(r"^([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))"
+                       r"(Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]|[eE][+-]?[0-9]+)?$")
+_SUFFIXES = {"n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"), "": Decimal(1),
+             "k": Decimal("1e3"), "M": Decimal("1e6"), "G": Decimal("1e9"), "T": Decimal("1e12"),
+             "P": Decimal("1e15"), "E": Decimal("1e18"), "Ki": Decimal(2**10),
+             "Mi": Decimal(2**20), "Gi": Decimal(2**30), "Ti": Decimal(2**40),
+             "Pi": Decimal(2**50), "Ei": Decimal(2**60)}
+
+
+def parse_quantity(value: object) -> Decimal | None:
+    """A resource.Quantity string ('500m', '1Gi', '1e3') as a number; None when it is not one."""
+    if isinstance(value, str):
+        return _parse_quantity_text(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return Decimal(str(value))
+    return None
+
+
+# Pods repeat a handful of quantities ("500m", "1Gi"); a Decimal is immutable, so share it.
+@functools.lru_cache(maxsize=1024)
+def _parse_quantity_text(value: str) -> Decimal | None:
+    match = _QUANTITY.match(value.strip())
+    if not match:
+        return None
+    number, suffix = match.group(1), match.group(2) or ""
+    try:
+        if suffix[:1] in ("e", "E"):
+            return Decimal(number + suffix)
+        return Decimal(number) * _SUFFIXES[suffix]
+    except InvalidOperation:  # pragma: no cover - the pattern admits only valid numbers
+        return None
+
+
+def _same_quantity(a: object, b: object) -> bool:
+    if a == b:  # the usual case: requests defaulted from limits by the API server
+        return True
+    qa, qb = parse_quantity(a), parse_quantity(b)
+    return qa == qb if qa is not None and qb is not None else a == b
+
+
+def _resource_map(container: dict, part: str) -> dict:
+    value = lookup(container, ("resources", part), {})
+    return value if isinstance(value, dict) else {}
+
+
+def _guaranteed(containers: list[dict]) -> bool:
+    for container in containers:
+        requests, limits = _resource_map(container, "requests"), _resource_map(container, "limits")
+        for resource in ("cpu", "memory"):
+            if resource not in limits or (resource in requests and
+                                          not _same_quantity(requests[resource], limits[resource])):
+                return False
+    return bool(containers)
