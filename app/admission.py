@@ -10,7 +10,7 @@ warnings ("would ...") and nothing else; a rule that is ``off`` does not run.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .patching import ObjectEditor
@@ -45,6 +45,8 @@ class Action:
 class Decision:
     response: AdmissionResponse
     actions: tuple[Action, ...] = field(default=())
+    # the namespaces the rules looked up: name -> labels, or None when it does not exist
+    namespaces: Mapping[str, Mapping[str, str] | None] = field(default_factory=dict)
 
     @property
     def rules(self) -> tuple[str, ...]:
@@ -89,10 +91,11 @@ def admit(request: AdmissionRequest, namespace_labels: NamespaceLookup,
             warnings.append(warning(rule.name, text))
             actions.append(Action(rule.name, "warned", text))
     if denials:
-        return Decision(denied(DENIAL_CODE, "; ".join(denials), warnings), tuple(actions))
+        return Decision(denied(DENIAL_CODE, "; ".join(denials), warnings), tuple(actions),
+                        ctx.looked_up)
     if editor.ops:
         # auditAnnotations keys get the webhook's name as prefix from the API server, which
         # drops keys that would then hold two slashes: keep them plain.
         audit["rules"] = ",".join(dict.fromkeys(a.rule for a in actions if a.effect == "mutated"))
-        return Decision(patched(editor.ops, warnings, audit), tuple(actions))
-    return Decision(allowed(warnings), tuple(actions))
+        return Decision(patched(editor.ops, warnings, audit), tuple(actions), ctx.looked_up)
+    return Decision(allowed(warnings), tuple(actions), ctx.looked_up)

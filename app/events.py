@@ -1,9 +1,12 @@
 """Owns Kubernetes Events about denials and warnings: built on the request path, sent off it.
 
 :meth:`EventRecorder.record` only builds the events and puts them on a bounded queue; one
-daemon thread posts them (events.k8s.io/v1) so a slow API server never slows admission. Events
-are rate limited per (namespace, rule, reason) and overall, so a crash-looping controller
-cannot flood etcd; a full queue drops. Dry-run requests get no events.
+daemon thread posts them (events.k8s.io/v1) so a slow API server never slows admission. The
+transport records Events only in namespaces the namespace source knows (``/mutate`` is reachable
+from the pod network, and a forged review names any namespace it likes). Events are rate limited
+per namespace (not per object: the sender picks the name) and overall, so neither a
+crash-looping controller nor a forger can flood etcd; a full queue drops. User values in the
+note are quoted and truncated. Dry-run requests get no events.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import cachetools
 from . import metrics
 from .admission import Decision
 from .review import AdmissionRequest
+from .text import clip
 
 log = logging.getLogger("poolkeeper.events")
 
@@ -31,8 +35,6 @@ REASONS = {"denied": "PoolkeeperDenied", "warned": "PoolkeeperWarning"}
 # events.k8s.io/v1 limits: note <= 1 kB, action and reportingInstance <= 128 characters.
 MAX_NOTE = 1024
 MAX_FIELD = 128
-# Events about cluster-scoped objects (a Namespace being created) go where kubectl looks.
-CLUSTER_EVENTS_NAMESPACE = "default"
 
 
 class TokenBucket:
@@ -52,15 +54,18 @@ class TokenBucket:
 
 class EventRecorder:
     def __init__(self, post: Callable[[str, dict], Any], *, instance: str | None = None,
-                 queue_size: int = 1000, per_key_burst: int = 3, per_key_interval: float = 60.0,
-                 global_burst: int = 20, global_rate: float = 5.0,
+                 queue_size: int = 1000, per_namespace_burst: int = 5,
+                 per_namespace_interval: float = 12.0, global_burst: int = 20,
+                 global_rate: float = 5.0,
                  clock: Callable[[], float] = time.monotonic):
         """``post(namespace, body)`` creates one event; it runs on the sender thread only."""
         self._post = post
         self.instance = (instance or os.environ.get("HOSTNAME") or socket.gethostname())[:MAX_FIELD]
         self._queue: queue.Queue[tuple[str, dict] | None] = queue.Queue(maxsize=queue_size)
         self._clock = clock
-        self._per_key_burst, self._per_key_rate = per_key_burst, 1.0 / per_key_interval
+        # per namespace: a burst, then one event per interval
+        self._per_namespace_burst = per_namespace_burst
+        self._per_namespace_rate = 1.0 / per_namespace_interval
         self._keys: cachetools.LRUCache = cachetools.LRUCache(maxsize=10000)
         self._global = TokenBucket(global_burst, global_rate, clock())
         self._lock = threading.Lock()
@@ -82,17 +87,16 @@ class EventRecorder:
             self._thread.join(timeout)
             self._thread = None
 
-    def record(self, request: AdmissionRequest, decision: Decision) -> None:
-        """Queue an event per denial and warning; never blocks and never raises."""
+    def record(self, request: AdmissionRequest, decision: Decision, namespace: str) -> None:
+        """Queue an event per denial and warning in ``namespace`` (one the namespace source
+        knows: the object's, or a Namespace's own); never blocks and never raises."""
         if request.dry_run:
             return
         for action in decision.actions:
             reason = REASONS.get(action.effect)
             if reason is None:
                 continue
-            namespace = request.namespace or CLUSTER_EVENTS_NAMESPACE
-            name = request.name or request.display_name
-            if not self._allow((namespace, action.rule, reason, name)):
+            if not self._allow(namespace):
                 self._count("rate_limited")
                 continue
             body = self.event(request, namespace, action.rule, reason, action.detail)
@@ -101,13 +105,13 @@ class EventRecorder:
             except queue.Full:
                 self._count("dropped")
 
-    def _allow(self, key: tuple) -> bool:
+    def _allow(self, namespace: str) -> bool:
         now = self._clock()
         with self._lock:
-            bucket = self._keys.get(key)
+            bucket = self._keys.get(namespace)
             if bucket is None:
-                bucket = self._keys[key] = TokenBucket(self._per_key_burst, self._per_key_rate,
-                                                       now)
+                bucket = self._keys[namespace] = TokenBucket(
+                    self._per_namespace_burst, self._per_namespace_rate, now)
             if not bucket.take(now):
                 return False
             return self._global.take(now)
@@ -116,10 +120,14 @@ class EventRecorder:
               detail: str) -> dict:
         obj = request.object or request.old_object or {}
         verb = "denied" if reason == REASONS["denied"] else "warned about"
-        note = f"[{rule}] {verb} {request.operation} of {request.gvk.kind} " \
-               f"{request.display_name or '(unnamed)'}: {detail}"
-        regarding = {"apiVersion": obj.get("apiVersion") or request.gvk.version,
-                     "kind": request.gvk.kind, "name": request.name or request.display_name}
+        name = clip(request.display_name) or "(unnamed)"
+        note = f"[{rule}] {verb} {request.operation} of {clip(request.gvk.kind, 63)} {name}: " \
+               f"{detail}"
+        api_version = obj.get("apiVersion")
+        regarding = {"apiVersion": clip(api_version if isinstance(api_version, str)
+                                        else request.gvk.version, 63),
+                     "kind": clip(request.gvk.kind, 63),
+                     "name": clip(request.name or request.display_name)}
         if request.namespace:
             regarding["namespace"] = request.namespace
         return {

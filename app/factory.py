@@ -14,7 +14,7 @@ from .admission import Decision
 from .certs import cert_paths
 from .config import Settings, load_settings
 from .events import EventRecorder, api_poster
-from .namespaces import NamespaceSource, namespace_source
+from .namespaces import NamespaceLookupError, NamespaceSource, namespace_source
 from .review import AdmissionRequest
 from .rules import SHIPPED_RULES, RuleStore
 from .watch import FileWatcher, process_watcher
@@ -59,10 +59,24 @@ class Services:
             self.started = False
 
     def acted(self, request: AdmissionRequest, decision: Decision) -> None:
-        """Count what the rules did and queue Events for denials and warnings."""
-        metrics.count_actions(request, decision)
-        if self.events is not None:
-            self.events.record(request, decision)
+        """Count what the rules did and queue Events for denials and warnings: under the team
+        they did it to (a namespaced object's namespace, a Namespace's own name) when the
+        namespace source knows it; otherwise uncounted by name and without Events (a forged
+        review may name any namespace)."""
+        team = request.namespace or (
+            request.display_name if request.gvk.kind == "Namespace" else "")
+        known = bool(team) and self._known(team, decision)
+        metrics.count_actions(decision, team if known else metrics.UNKNOWN_NAMESPACE)
+        if known and self.events is not None:
+            self.events.record(request, decision, team)
+
+    def _known(self, namespace: str, decision: Decision) -> bool:
+        if namespace in decision.namespaces:  # a rule looked it up already
+            return decision.namespaces[namespace] is not None
+        try:
+            return self.source.labels(namespace) is not None
+        except NamespaceLookupError:
+            return False
 
 
 def create_app(settings: Settings | None = None, *, source: NamespaceSource | None = None,

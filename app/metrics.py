@@ -28,7 +28,6 @@ from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
 
 if TYPE_CHECKING:
     from .admission import Decision
-    from .review import AdmissionRequest
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -76,15 +75,16 @@ def observe_review(kind: str, operation: str, decision: str, seconds: float) -> 
     ADMISSION_DURATION.observe(seconds)
 
 
-def count_actions(request: AdmissionRequest, decision: Decision) -> None:
-    """What each rule did, under the team it did it to: a namespaced object's namespace, a
-    Namespace's own name."""
-    if not decision.actions:
-        return
-    team = request.namespace or (
-        request.display_name if request.gvk.kind == "Namespace" else "")
+# The namespace label of rule actions in namespaces the namespace source does not know: /mutate is
+# reachable from the pod network, and forged reviews with random namespaces would otherwise grow
+# a series (and multiprocess file space) per namespace.
+UNKNOWN_NAMESPACE = "-"
+
+
+def count_actions(decision: Decision, namespace: str) -> None:
+    """What each rule did, under ``namespace`` (a known namespace, else UNKNOWN_NAMESPACE)."""
     for action in decision.actions:
-        RULE_ACTIONS.labels(action.rule, team, action.effect).inc()
+        RULE_ACTIONS.labels(action.rule, namespace, action.effect).inc()
 
 
 def version() -> str:

@@ -17,6 +17,8 @@ from typing import Any
 
 import orjson
 
+from .text import quote
+
 API_VERSION = "admission.k8s.io/v1"
 KIND = "AdmissionReview"
 OPERATIONS = ("CREATE", "UPDATE", "DELETE", "CONNECT")
@@ -135,11 +137,11 @@ def parse_review(doc: Any) -> AdmissionRequest:
         raise ReviewError("the body must be a JSON object holding an AdmissionReview")
     api_version, kind = doc.get("apiVersion"), doc.get("kind")
     if kind != KIND:
-        raise ReviewError(f"kind must be {KIND!r}, got {kind!r}: poolkeeper accepts only "
-                          "AdmissionReview bodies, as the API server sends them")
+        raise ReviewError(f"kind must be {quote(KIND)}, got {quote(kind)}: poolkeeper accepts "
+                          "only AdmissionReview bodies, as the API server sends them")
     if api_version != API_VERSION:
-        raise ReviewError(f"apiVersion {api_version!r} is not supported: poolkeeper speaks "
-                          f"{API_VERSION!r}; set admissionReviewVersions: [v1] in the "
+        raise ReviewError(f"apiVersion {quote(api_version)} is not supported: poolkeeper speaks "
+                          f"{quote(API_VERSION)}; set admissionReviewVersions: [v1] in the "
                           "webhook configuration")
     request = _field(doc, "request", dict, "AdmissionReview", "")
     uid = _field(request, "uid", str, "request", "")
@@ -148,7 +150,8 @@ def parse_review(doc: Any) -> AdmissionRequest:
     gvk = _field(request, "kind", dict, "request", uid)
     operation = _field(request, "operation", str, "request", uid)
     if operation not in OPERATIONS:
-        raise ReviewError(f"request.operation {operation!r} is not one of {', '.join(OPERATIONS)}",
+        raise ReviewError(f"request.operation {quote(operation)} is not one of "
+                          f"{', '.join(OPERATIONS)}",
                           uid)
     obj = _field(request, "object", dict, "request", uid, required=operation in MUTATING_OPERATIONS)
     old = _field(request, "oldObject", dict, "request", uid, required=operation == "UPDATE")

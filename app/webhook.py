@@ -33,10 +33,12 @@ from werkzeug.exceptions import HTTPException
 
 from . import admission, metrics
 from .config import MAX_BODY_BYTES
+from .kinds import OBJECT_KINDS
 from .namespaces import NamespaceLookupError
 from .patching import ObjectShapeError
 from .review import AdmissionRequest, ReviewError, encode_review, errored, parse_review
 from .rules import WEBHOOKS
+from .text import clip, quote
 
 if TYPE_CHECKING:
     from .factory import Services
@@ -81,7 +83,8 @@ def _services() -> Services:
 # /mutate runs every rule; /mutate/<webhook> only the rules served there, so each webhook
 # configuration (placement fails closed, defaults fail open) runs its own rules.
 @blueprint.post("/mutate", defaults={"webhook": None})
-@blueprint.post("/mutate/<webhook>")
+@blueprint.post("/mutate/", defaults={"webhook": ""})
+@blueprint.post("/mutate/<path:webhook>")
 def mutate(webhook: str | None) -> Response:
     started = time.perf_counter()
     services = _services()
@@ -104,8 +107,8 @@ def mutate(webhook: str | None) -> Response:
 def _judge(services: Services, webhook: str | None) -> tuple[AdmissionRequest,
                                                              admission.Decision]:
     if webhook is not None and webhook not in WEBHOOKS:
-        raise RequestError(404, f"no webhook path /mutate/{webhook}: use /mutate or one of "
-                                + ", ".join(f"/mutate/{w}" for w in WEBHOOKS))
+        raise RequestError(404, f"no webhook path {quote('/mutate/' + webhook)}: use /mutate or "
+                                "one of " + ", ".join(f"/mutate/{w}" for w in WEBHOOKS))
     if request.mimetype != JSON:
         raise RequestError(415, f"content type {request.mimetype or 'none'!r} is not "
                                 f"supported: send the AdmissionReview as {JSON}")
@@ -120,18 +123,26 @@ def _judge(services: Services, webhook: str | None) -> tuple[AdmissionRequest,
     except orjson.JSONDecodeError as exc:
         raise RequestError(400, f"the body is not valid JSON: {exc}") from None
     except ReviewError as exc:
-        raise RequestError(400, str(exc), uid=exc.uid) from None
+        raise RequestError(400, str(exc), uid=clip(exc.uid)) from None
+    except RecursionError:
+        raise RequestError(400, _TOO_DEEP) from None
     try:
         return review_request, admission.admit(review_request, services.source.labels,
                                                services.rules.rules(webhook))
     except ObjectShapeError as exc:
         raise RequestError(400, f"request.object is malformed: {exc}", review_request) from None
+    except RecursionError:  # only input nests deep enough: poolkeeper's own code is flat
+        raise RequestError(400, _TOO_DEEP, review_request) from None
     except NamespaceLookupError as exc:
         raise RequestError(500, f"cannot judge the request: {exc}", review_request) from None
     except Exception:  # a bug: answer 500 so failurePolicy decides, keep the worker alive
-        log.exception("internal error on request %s", review_request.uid)
+        log.exception("internal error on request %s", clip(review_request.uid))
         raise RequestError(500, "internal error in poolkeeper; see its logs",
                            review_request) from None
+
+
+_TOO_DEEP = ("request.object is malformed: it nests lists or objects deeper than any Kubernetes "
+             "object does")
 
 
 def _too_large(services: Services, length: int | None) -> RequestError:
@@ -165,9 +176,20 @@ def readyz() -> Response:
 @blueprint.app_errorhandler(404)
 @blueprint.app_errorhandler(405)
 def not_routed(exc: HTTPException) -> Response:
-    return Response(orjson.dumps({"error": f"{request.method} {request.path}: {exc.name}",
+    return Response(orjson.dumps({"error": f"{request.method} {quote(request.path)}: {exc.name}",
                                   "endpoints": ENDPOINTS}),
                     exc.code, mimetype=JSON)
+
+
+@blueprint.app_errorhandler(Exception)
+def failed(exc: Exception) -> Response:
+    """Anything that escaped the handlers (a bug, or a framing error surfacing from the server
+    while the body is read) still gets an AdmissionReview, never an HTML page."""
+    if isinstance(exc, HTTPException):  # e.g. a malformed chunked body: 400 from werkzeug
+        code = exc.code or 400
+        return _error(code, f"the request cannot be read: {exc.name}")
+    log.exception("internal error outside admission")
+    return _error(500, "internal error in poolkeeper; see its logs")
 
 
 def _observe(review_request: AdmissionRequest | None, outcome: str, seconds: float,
@@ -175,16 +197,18 @@ def _observe(review_request: AdmissionRequest | None, outcome: str, seconds: flo
     """Count the review, time it, and write its one log line (never the object itself)."""
     kind = review_request.gvk.kind if review_request else "unknown"
     operation = review_request.operation if review_request else "unknown"
-    metrics.observe_review(kind, operation, outcome, seconds)
+    # the kind label only takes kinds poolkeeper knows: forged reviews name any kind they like
+    label = kind if kind in OBJECT_KINDS or review_request is None else "other"
+    metrics.observe_review(label, operation, outcome, seconds)
     level = logging.WARNING if outcome == "error" else logging.INFO
     if not admission_log.isEnabledFor(level):
         return
     ms = round(seconds * 1000, 3)
-    if review_request:
-        entry = {"uid": review_request.uid, "kind": kind, "operation": operation,
-                 "namespace": review_request.namespace, "name": review_request.display_name,
-                 "user": review_request.user, "dryRun": review_request.dry_run,
-                 "decision": outcome, **fields, "ms": ms}
+    if review_request:  # user values clipped: a forged review's fields may be megabytes
+        entry = {"uid": clip(review_request.uid), "kind": clip(kind, 63), "operation": operation,
+                 "namespace": clip(review_request.namespace),
+                 "name": clip(review_request.display_name), "user": clip(review_request.user),
+                 "dryRun": review_request.dry_run, "decision": outcome, **fields, "ms": ms}
     else:
         entry = {"uid": "", "kind": kind, "operation": operation, "decision": outcome,
                  **fields, "ms": ms}

@@ -52,7 +52,7 @@ def test_events_denial_event_names_rule_object_and_fix():
     recorder = EventRecorder(post, instance="poolkeeper-abc")
     recorder.start()
     request, decision = denied_request()
-    recorder.record(request, decision)
+    recorder.record(request, decision, "team-a")
     drain(recorder)
     ((namespace, event),) = post.posted
     assert namespace == "team-a"
@@ -68,16 +68,16 @@ def test_events_denial_event_names_rule_object_and_fix():
     assert recorder.counts["sent"] == 1
 
 
-def test_events_warnings_for_namespaces_go_to_default():
+def test_events_about_a_namespace_go_to_the_namespace_itself():
     post = Collector()
     recorder = EventRecorder(post)
     recorder.start()
     ns = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "sandbox"}}
     request = make_request(ns)
-    recorder.record(request, admit(request, {}.get, RULES))
+    recorder.record(request, admit(request, {}.get, RULES), "sandbox")
     drain(recorder)
     ((namespace, event),) = post.posted
-    assert namespace == "default" and event["reason"] == "PoolkeeperWarning"
+    assert namespace == "sandbox" and event["reason"] == "PoolkeeperWarning"
     assert "namespace" not in event["regarding"] and "sandbox" in event["note"]
 
 
@@ -85,40 +85,60 @@ def test_events_never_on_dry_run_or_plain_mutations():
     post = Collector()
     recorder = EventRecorder(post)
     recorder.start()
-    recorder.record(*denied_request(dry_run=True))
+    recorder.record(*denied_request(dry_run=True), "team-a")
     request = make_request(pod(namespace="team-a"))
-    recorder.record(request, admit(request, NAMESPACES.get, RULES))
+    recorder.record(request, admit(request, NAMESPACES.get, RULES), "team-a")
     drain(recorder)
     assert post.posted == [] and recorder.counts["sent"] == 0
 
 
-def test_events_rate_limited_per_key_and_overall():
+def test_events_rate_limited_per_namespace_and_overall():
     post = Collector()
     clock = Clock()
-    recorder = EventRecorder(post, clock=clock, per_key_burst=3, per_key_interval=60,
+    recorder = EventRecorder(post, clock=clock, per_namespace_burst=3, per_namespace_interval=60,
                              global_burst=5, global_rate=1.0)
     recorder.start()
     for _ in range(10):  # a crash-looping controller recreating the same pod
-        recorder.record(*denied_request())
-    clock.now += 60  # one more token for this key
-    recorder.record(*denied_request())
-    for name in ("a", "b", "c", "d", "e", "f"):  # many objects: the global bucket limits
+        recorder.record(*denied_request(), "team-a")
+    for name in ("a", "b", "c"):  # other names in the same namespace: the same bucket
         request = make_request(pod({"agentpool": "pool2"}, namespace="team-a", name=name))
-        recorder.record(request, admit(request, NAMESPACES.get, RULES))
+        recorder.record(request, admit(request, NAMESPACES.get, RULES), "team-a")
+    clock.now += 60  # one more token for team-a; the global bucket is full again (5)
+    recorder.record(*denied_request(), "team-a")
+    for index in range(6):  # many namespaces: the global bucket limits
+        namespace = f"team-{index}"
+        request = make_request(pod({"agentpool": "pool2"}, namespace=namespace, name="web"))
+        recorder.record(request, admit(request, {namespace: {"agentpool": "pool1"}}.get, RULES),
+                        namespace)
     drain(recorder)
-    # key: 3 of the first 10, then 1 a minute later; overall: 5 tokens after the minute, 1 used
+    # team-a: 3 of the first 13, then 1 a minute later; overall: 5 tokens after the minute,
+    # 1 used by team-a, so 4 of the 6 other namespaces
     assert len(post.posted) == 3 + 1 + 4
-    assert recorder.counts["rate_limited"] == 7 + 2
+    assert recorder.counts["rate_limited"] == 10 + 2
+    assert {ns for ns, _ in post.posted} == {"team-a", "team-0", "team-1", "team-2", "team-3"}
+
+
+def test_events_quote_and_truncate_user_values():
+    recorder = EventRecorder(Collector())
+    request = make_request(pod({"agentpool": "x" * 100_000}, namespace="team-a",
+                               name="n" * 5000))
+    decision = admit(request, NAMESPACES.get, RULES)
+    ((_, detail),) = [(a.effect, a.detail) for a in decision.actions if a.effect == "denied"]
+    event = recorder.event(request, "team-a", "agentpool-node-selector", "PoolkeeperDenied",
+                           detail)
+    assert len(event["note"]) <= 1024 and "x" * 65 not in event["note"]
+    assert '"' + "x" * 64 + '..."' in event["note"]
+    assert len(event["regarding"]["name"]) <= 256
 
 
 def test_events_full_queue_drops_without_blocking_admission():
     gate = threading.Event()
     post = Collector(gate=gate)
-    recorder = EventRecorder(post, queue_size=2, global_burst=100, per_key_burst=100)
+    recorder = EventRecorder(post, queue_size=2, global_burst=100, per_namespace_burst=100)
     recorder.start()
     for name in range(6):
         request = make_request(pod({"agentpool": "pool2"}, namespace="team-a", name=f"p{name}"))
-        recorder.record(request, admit(request, NAMESPACES.get, RULES))
+        recorder.record(request, admit(request, NAMESPACES.get, RULES), "team-a")
     gate.set()
     drain(recorder)
     assert recorder.counts["dropped"] >= 3 and len(post.posted) + recorder.counts["dropped"] == 6
@@ -128,7 +148,7 @@ def test_events_failures_are_counted_not_raised():
     post = Collector(fail=True)
     recorder = EventRecorder(post)
     recorder.start()
-    recorder.record(*denied_request())
+    recorder.record(*denied_request(), "team-a")
     drain(recorder)
     assert recorder.counts["failed"] == 1 and recorder.counts["sent"] == 0
 
@@ -165,7 +185,7 @@ def test_events_are_created_in_the_api_server(apiserver: MiniApiServer):
     recorder = EventRecorder(api_poster(client), instance="test-instance")
     recorder.start()
     try:
-        recorder.record(*denied_request())
+        recorder.record(*denied_request(), "team-a")
         deadline = time.monotonic() + 20
         while True:
             events = core.list_namespaced_event("team-a", field_selector="reason=PoolkeeperDenied")

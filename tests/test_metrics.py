@@ -82,14 +82,23 @@ def test_metrics_count_requests_of_every_worker_whichever_worker_is_scraped(serv
     assert samples["poolkeeper_namespace_cache_size"] == count_namespaces()
 
 
-def test_metrics_rule_actions_on_a_namespace_name_that_namespace(server):
-    """Namespaces are cluster-scoped (request.namespace is empty): the team is the new name."""
-    doc = review_doc({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "sandbox"}})
-    assert fresh_post(server, doc).status_code == 200
+def test_metrics_rule_actions_on_a_namespace_name_that_namespace_when_it_is_known(server):
+    """Namespaces are cluster-scoped (request.namespace is empty): the team is the name, when
+    the namespace source knows it; a new name counts under "-" like any unknown namespace."""
+    def actions(name: str) -> None:
+        doc = review_doc({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+        assert fresh_post(server, doc).status_code == 200
+
+    before = scrape(server)
+    actions("team-search")  # in testdata/namespaces.yaml
+    actions("sandbox")  # not (yet) a namespace
     samples = scrape(server)
     for effect in ("mutated", "warned"):
-        assert samples[f'poolkeeper_rule_actions_total{{effect="{effect}",namespace="sandbox",'
+        assert samples[f'poolkeeper_rule_actions_total{{effect="{effect}",namespace="team-search",'
                        f'rule="namespace-labels"}}'] >= 1
+        key = f'poolkeeper_rule_actions_total{{effect="{effect}",namespace="-",rule="namespace-labels"}}'
+        assert samples[key] - before.get(key, 0) >= 1
+        assert not any('namespace="sandbox"' in k for k in samples)
 
 
 def count_namespaces() -> int:

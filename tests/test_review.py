@@ -49,7 +49,7 @@ def broken(mutator):
 @pytest.mark.parametrize("doc, fragment", [
     ([], "JSON object"),
     ("text", "JSON object"),
-    ({"kind": "Pod"}, "kind must be 'AdmissionReview'"),
+    ({"kind": "Pod"}, 'kind must be "AdmissionReview"'),
     (broken(lambda d: d.update(apiVersion="admission.k8s.io/v1beta1")), "admission.k8s.io/v1"),
     (broken(lambda d: d.pop("request")), "AdmissionReview.request is missing"),
     (broken(lambda d: d.update(request=[])), "must be a JSON object"),

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..kinds import OBJECT_KINDS
-from ..patching import ObjectEditor, Path, expect_list, lookup
+from ..patching import ObjectEditor, ObjectShapeError, Path, expect_list, lookup
 from ..review import AdmissionRequest
+from ..text import quote
 
 NamespaceLookup = Callable[[str], Mapping[str, str] | None]
 
@@ -35,12 +36,13 @@ NOTHING = RuleResult()
 class RuleContext:
     """What a rule may know about a request: the request and its namespaces' labels."""
 
-    __slots__ = ("request", "_lookup", "_labels")
+    __slots__ = ("request", "_lookup", "looked_up")
 
     def __init__(self, request: AdmissionRequest, namespace_labels: NamespaceLookup):
         self.request = request
         self._lookup = namespace_labels
-        self._labels: dict[str, Mapping[str, str]] = {}
+        # name -> labels, or None when the namespace does not exist: what the rules asked for
+        self.looked_up: dict[str, Mapping[str, str] | None] = {}
 
     @property
     def namespace(self) -> str:
@@ -53,9 +55,9 @@ class RuleContext:
 
     def namespace_labels(self, name: str) -> Mapping[str, str]:
         """Labels of namespace ``name`` ({} when it does not exist); looked up once per request."""
-        if name not in self._labels:
-            self._labels[name] = self._lookup(name) or {}
-        return self._labels[name]
+        if name not in self.looked_up:
+            self.looked_up[name] = self._lookup(name)
+        return self.looked_up[name] or {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,9 +99,12 @@ class Requirement:
             return self.key in labels
         if self.operator == "DoesNotExist":
             return self.key not in labels
+        value = labels.get(self.key)
+        if value is not None and not isinstance(value, str):  # a forged object's label
+            raise ObjectShapeError(f"label {quote(self.key)} must be a string, not {quote(value)}")
         if self.operator == "In":
-            return labels.get(self.key) in self.values
-        return labels.get(self.key) not in self.values  # NotIn: also true when the key is absent
+            return value in self.values
+        return value not in self.values  # NotIn: also true when the key is absent
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ import re
 from collections.abc import Sequence
 from decimal import Decimal, InvalidOperation
 
-from ..patching import ObjectEditor, expect_map, lookup
+from ..patching import ObjectEditor, ObjectShapeError, expect_map, lookup
+from ..text import quote
 from .base import NOTHING, Param, RuleContext, RuleResult, pod_containers
 from .params import label_key, name_list
 
@@ -87,10 +88,16 @@ _SUFFIXES = {"n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"), "
              "Pi": Decimal(2**50), "Ei": Decimal(2**60)}
 
 
+# Longer strings are not quantities: the API server's own grammar (k8s.io/apimachinery
+# resource.ParseQuantity) admits a number, a suffix and an exponent, and real ones are a handful
+# of characters. The bound also keeps the parse cache below small.
+MAX_QUANTITY_LENGTH = 64
+
+
 def parse_quantity(value: object) -> Decimal | None:
     """A resource.Quantity string ('500m', '1Gi', '1e3') as a number; None when it is not one."""
     if isinstance(value, str):
-        return _parse_quantity_text(value)
+        return _parse_quantity_text(value) if len(value) <= MAX_QUANTITY_LENGTH else None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return Decimal(str(value))
     return None
@@ -112,10 +119,17 @@ def _parse_quantity_text(value: str) -> Decimal | None:
 
 
 def _same_quantity(a: object, b: object) -> bool:
-    if a == b:  # the usual case: requests defaulted from limits by the API server
-        return True
-    qa, qb = parse_quantity(a), parse_quantity(b)
-    return qa == qb if qa is not None and qb is not None else a == b
+    """Whether two quantities are equal; ObjectShapeError when either is not a quantity (the API
+    server rejects such a pod, so only a forged review carries one)."""
+    return _quantity(a) == _quantity(b)
+
+
+def _quantity(value: object) -> Decimal:
+    quantity = parse_quantity(value)
+    if quantity is None:
+        raise ObjectShapeError(f"resource quantity {quote(value)} is not a quantity (such as "
+                               "500m, 2 or 1Gi)")
+    return quantity
 
 
 def _resource_map(container: dict, part: str) -> dict:

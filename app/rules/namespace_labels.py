@@ -6,6 +6,7 @@ import re
 from collections.abc import Mapping
 
 from ..patching import ObjectEditor, ObjectShapeError, expect_map
+from ..text import quote
 from .base import Param, RuleContext, RuleResult
 from .params import label_key, label_map, one_of, optional_regex
 
@@ -60,7 +61,7 @@ class NamespaceLabels:
         if not (self.name_pattern and name and self.name_pattern_enforcement != "off"
                 and not self.name_pattern.search(name)):
             return RuleResult(effects=effects)
-        problem = f"namespace name {name!r} does not match {self.name_pattern.pattern}"
+        problem = f"namespace name {quote(name)} does not match {self.name_pattern.pattern}"
         if self.name_pattern_enforcement == "enforce":
             return RuleResult(effects=effects, denials=(f"{problem}; choose a name that does",))
         return RuleResult(effects=effects, warnings=(problem,))

@@ -6,8 +6,9 @@ from collections.abc import Mapping
 
 from ..kinds import pod_spec_path
 from ..patching import ObjectEditor, ObjectShapeError, Path, describe, expect_list, expect_map
+from ..text import quote
 from .base import NOTHING, Param, RuleContext, RuleResult
-from .params import label_key, optional_label_value
+from .params import is_label_value, label_key, optional_label_value
 
 # The annotation the kubelet puts on the API mirror of a static pod; such pods are never
 # scheduled and never edited (admission plugins leave them alone as well).
@@ -53,9 +54,10 @@ class PoolPlacement:
             return NOTHING
         selector_path = (*spec_path, "nodeSelector")
         key_path = (*selector_path, self.node_label_key)
-        value = expect_map(obj, selector_path).get(self.node_label_key)
+        value = _string_or_none(expect_map(obj, selector_path).get(self.node_label_key), key_path)
         if is_pod and request.operation == "UPDATE":
-            old_value = expect_map(request.old_object, selector_path).get(self.node_label_key)
+            old_value = _string_or_none(
+                expect_map(request.old_object, selector_path).get(self.node_label_key), key_path)
             if value == old_value:
                 return NOTHING  # only a change of the pool key is judged on UPDATE
         labels = ctx.namespace_labels(namespace)
@@ -66,17 +68,19 @@ class PoolPlacement:
         what = "pod" if is_pod else "DaemonSet pod template"
         denials = []
         if value is not None and value != pool:
+            elsewhere = (f"to run on pool {quote(value)}, use a namespace labelled "
+                         f"{self.namespace_label_key}={value}" if is_label_value(value) else
+                         f"{quote(value)} is not a node pool name (a label value)")
             denials.append(
-                f"{what} {describe(key_path)} is {_quote(value)}, but {where}. Remove that "
-                f"nodeSelector key (poolkeeper sets it) or set it to {_quote(pool)}; to run on "
-                f"pool {_quote(value)}, use a namespace labelled "
-                f"{self.namespace_label_key}={value}")
-        node_name = expect_map(obj, spec_path).get("nodeName")
+                f"{what} {describe(key_path)} is {quote(value)}, but {where}. Remove that "
+                f"nodeSelector key (poolkeeper sets it) or set it to {quote(pool)}; {elsewhere}")
+        node_name = _string_or_none(expect_map(obj, spec_path).get("nodeName"),
+                                    (*spec_path, "nodeName"))
         if node_name and (request.operation == "CREATE" or not is_pod):
             denials.append(
-                f"{what} sets {describe((*spec_path, 'nodeName'))}={_quote(node_name)}, which "
+                f"{what} sets {describe((*spec_path, 'nodeName'))}={quote(node_name)}, which "
                 f"bypasses the scheduler and so the node pool; {where}. Remove nodeName and let "
-                f"the scheduler place it on pool {_quote(pool)}")
+                f"the scheduler place it on pool {quote(pool)}")
         affinity_problem = self._affinity_problem(obj, spec_path, pool)
         if affinity_problem:
             denials.append(f"{what} {affinity_problem}, but {where}, so it could never be "
@@ -92,10 +96,10 @@ class PoolPlacement:
 
     def _where(self, namespace: str, pool: str, labels: Mapping[str, str]) -> str:
         if labels.get(self.namespace_label_key):
-            return (f"namespace {_quote(namespace)} is pinned to node pool {_quote(pool)} "
+            return (f"namespace {quote(namespace)} is pinned to node pool {quote(pool)} "
                     f"(namespace label {self.namespace_label_key}={pool})")
-        return (f"namespace {_quote(namespace)} has no {self.namespace_label_key} label and "
-                f"gets the default node pool {_quote(pool)}")
+        return (f"namespace {quote(namespace)} has no {self.namespace_label_key} label and "
+                f"gets the default node pool {quote(pool)}")
 
     def _affinity_problem(self, obj: dict, spec_path: Path, pool: str) -> str | None:
         terms_path = (*spec_path, "affinity", "nodeAffinity",
@@ -144,6 +148,8 @@ def _requirement_admits(requirement: dict, value: str) -> bool:
     return False  # DoesNotExist, or an operator the API server would have rejected
 
 
-def _quote(value: object) -> str:
-    return f'"{value}"' if isinstance(value, str) else repr(value)
-
+def _string_or_none(value: object, path: Path) -> str | None:
+    """A field the API server holds as a string (a nodeSelector value, nodeName)."""
+    if value is None or isinstance(value, str):
+        return value
+    raise ObjectShapeError(f"{describe(path)} must be a string, not {quote(value)}")
