@@ -226,8 +226,9 @@ def live(tier: Tier) -> Tier:
 
 
 def test_tier_base_is_accepted_by_the_api_server(tier: Tier):
-    # Everything in deploy/ that miniapiserver serves was created; it has no policy/v1.
-    assert set(tier.not_served) <= {"PodDisruptionBudget"}, tier.not_served
+    # Everything in deploy/ that miniapiserver serves was created; it has no policy/v1 and no
+    # resourcequotas.
+    assert set(tier.not_served) <= {"PodDisruptionBudget", "ResourceQuota"}, tier.not_served
     mwc = tier.admission.read_mutating_webhook_configuration(MWC)
     assert [w.name for w in mwc.webhooks] == ["placement.poolkeeper.io", "defaults.poolkeeper.io",
                                              "namespaces.poolkeeper.io"]

@@ -133,7 +133,7 @@ def test_manifests_kustomize_renders(directory: str):
         assert obj["metadata"]["labels"]["app.kubernetes.io/name"] == "poolkeeper"
     assert kinds.count("MutatingWebhookConfiguration") == 1
     assert {"Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap",
-            "Service", "Deployment", "PodDisruptionBudget"} <= set(kinds)
+            "Service", "Deployment", "PodDisruptionBudget", "ResourceQuota"} <= set(kinds)
     if directory.endswith("no-admission-policy"):
         assert "ValidatingAdmissionPolicy" not in kinds
         for obj in objects:
@@ -314,6 +314,21 @@ def test_manifests_deployment_is_highly_available(base):
     assert spread["topologyKey"] == "kubernetes.io/hostname"
     assert spread["whenUnsatisfiable"] == "DoNotSchedule" and spread["maxSkew"] == 1
     assert spread["labelSelector"]["matchLabels"].items() <= labels.items()
+
+
+def test_manifests_deployment_is_system_cluster_critical_within_its_quota(base):
+    # As Gatekeeper: scheduled before and preempted after ordinary pods, since placement fails
+    # closed; the quota scoped to that class lets the API server admit it outside kube-system
+    # where ResourceQuota limits the system classes (GKE).
+    spec = by_kind(base, "Deployment")["spec"]
+    assert spec["template"]["spec"]["priorityClassName"] == "system-cluster-critical"
+    quota = by_kind(base, "ResourceQuota")
+    assert quota["metadata"]["namespace"] == "poolkeeper-system"
+    assert quota["spec"]["scopeSelector"]["matchExpressions"] == [
+        {"scopeName": "PriorityClass", "operator": "In", "values": ["system-cluster-critical"]}]
+    rollout = spec["replicas"] + spec["strategy"]["rollingUpdate"]["maxSurge"]
+    assert int(quota["spec"]["hard"]["pods"]) >= 2 * rollout
+    assert set(quota["spec"]["hard"]) == {"pods"}  # no limit on anything that could bite
 
 
 def test_manifests_deployment_probes_and_resources(base):
