@@ -216,10 +216,26 @@ def test_manifests_webhooks_are_as_the_issue_says(webhooks):
 
 
 def test_manifests_placement_skips_mirror_pods(webhooks):
-    (condition,) = webhooks["placement.poolkeeper.io"]["matchConditions"]
-    assert "'kubernetes.io/config.mirror' in object.metadata.annotations" in \
-        condition["expression"]
-    assert condition["expression"].lstrip().startswith("!")
+    conditions = {c["name"]: c["expression"]
+                  for c in webhooks["placement.poolkeeper.io"]["matchConditions"]}
+    assert set(conditions) == {"not-a-mirror-pod", "pod-update-can-change-placement"}
+    mirror = conditions["not-a-mirror-pod"]
+    assert "'kubernetes.io/config.mirror' in object.metadata.annotations" in mirror
+    assert mirror.lstrip().startswith("!")
+
+
+def test_manifests_placement_gets_only_pod_updates_that_can_change_placement(webhooks):
+    # Ordinary pod updates (labels, annotations, finalizers) must not depend on poolkeeper, which
+    # fails closed: only a pod whose old version has scheduling gates can change its nodeSelector
+    # or affinity. CREATEs and DaemonSet updates all go. (The apiserver tier runs the CEL.)
+    (condition,) = [c["expression"] for c in webhooks["placement.poolkeeper.io"]["matchConditions"]
+                    if c["name"] == "pod-update-can-change-placement"]
+    assert " ".join(condition.split()) == (
+        "request.operation != 'UPDATE' || request.resource.resource != 'pods' || "
+        "(has(oldObject.spec.schedulingGates) && size(oldObject.spec.schedulingGates) > 0)")
+    # The fail-open webhooks get no UPDATEs at all.
+    for name in ("defaults.poolkeeper.io", "namespaces.poolkeeper.io"):
+        assert all(r["operations"] == ["CREATE"] for r in webhooks[name]["rules"])
 
 
 def test_manifests_webhooks_send_each_rule_what_it_matches(webhooks):
