@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import re
 import subprocess
@@ -43,6 +44,8 @@ from .support import ROOT, make_request, shipped_rules, skip_or_fail
 pytestmark = pytest.mark.apiserver
 
 tier_apiserver = apiserver_fixture("tier_apiserver", scope="module")
+# Its own API server: the uninstall test removes everything the others use.
+uninstall_apiserver = apiserver_fixture("uninstall_apiserver", scope="module")
 
 SERVICE = "poolkeeper-system/poolkeeper:443"  # what every webhook's clientConfig.service names
 MWC = "poolkeeper"
@@ -621,3 +624,51 @@ def selects(actual: str | None, op: str, value: str) -> bool:
         return bool(re.fullmatch(value, actual)) == (op == "=~")
     return (actual == value) == (op == "=")
 
+
+def run_uninstall(apiserver: MiniApiServer) -> subprocess.CompletedProcess:
+    binary = kubectl()
+    if binary is None:
+        skip_or_fail("kubectl not found: integration/uninstall.sh runs it")
+    env = {**os.environ, "KUBECONFIG": apiserver.kubeconfig, "KUBECTL": binary,
+           "SETTLE_SECONDS": "0", "WAIT_SECONDS": str(int(DEADLINE))}
+    return subprocess.run(["bash", str(ROOT / "integration/uninstall.sh")], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=DEADLINE * 4)
+
+
+def test_tier_uninstall_removes_the_webhook_and_backstop_first_and_is_idempotent(
+        uninstall_apiserver: MiniApiServer, tmp_path: Path):
+    with installed(uninstall_apiserver, tmp_path) as tier:
+        # poolkeeper broken, the case in which removal matters most: pods fail closed.
+        tier.server.stop()
+        with pytest.raises(ApiException) as caught:
+            tier.core.create_namespaced_pod(tier.pool1, pod(unique("web")))
+        assert caught.value.status == 500
+
+        first = run_uninstall(uninstall_apiserver)
+        assert first.returncode == 0, first.stdout + first.stderr
+        created = tier.core.create_namespaced_pod(tier.pool1, pod(unique("web")))
+        assert created.spec.node_selector is None  # neither pinned nor denied
+        log = first.stderr
+        order = [log.index(line) for line in (
+            'validatingadmissionpolicybinding.admissionregistration.k8s.io '
+            f'"{POLICY}" deleted',
+            f'validatingadmissionpolicy.admissionregistration.k8s.io "{POLICY}" deleted',
+            f'mutatingwebhookconfiguration.admissionregistration.k8s.io "{MWC}" deleted',
+            'namespace "poolkeeper-system" deleted',
+            'clusterrole.rbac.authorization.k8s.io "poolkeeper" deleted')]
+        assert order == sorted(order), log
+        for read in (lambda: tier.admission.read_mutating_webhook_configuration(MWC),
+                     lambda: tier.admission.read_validating_admission_policy(POLICY),
+                     lambda: tier.admission.read_validating_admission_policy_binding(POLICY),
+                     lambda: tier.core.read_namespace("poolkeeper-system"),
+                     lambda: kubernetes.client.RbacAuthorizationV1Api(tier.api)
+                     .read_cluster_role("poolkeeper")):
+            with pytest.raises(ApiException) as missing:
+                read()
+            assert missing.value.status == 404
+
+        second = run_uninstall(uninstall_apiserver)
+        assert second.returncode == 0, second.stdout + second.stderr
+        assert " deleted" not in second.stdout + second.stderr
+        again = tier.core.create_namespaced_pod(tier.pool1, pod(unique("web")))
+        assert again.spec.node_selector is None

@@ -429,6 +429,26 @@ def test_manifests_admission_policy_matches_the_placement_webhook_and_rule(base,
                                "validationActions": ["Deny"]}
 
 
+def test_manifests_uninstall_script_names_what_the_base_installs(base, webhooks):
+    """integration/uninstall.sh deletes the admission objects by name before anything else."""
+    script = (ROOT / "integration/uninstall.sh").read_text()
+    settings = dict(re.findall(r"^([A-Z_]+)=(\S+)", script, re.M))
+    assert settings["WEBHOOK_CONFIGURATION"] == \
+        by_kind(base, "MutatingWebhookConfiguration")["metadata"]["name"]
+    policy = by_kind(base, "ValidatingAdmissionPolicy")["metadata"]["name"]
+    assert settings["POLICY"] == policy == \
+        by_kind(base, "ValidatingAdmissionPolicyBinding")["metadata"]["name"]
+    assert set(settings["EXCLUDED"].split(",")) == \
+        excluded_names(webhooks["placement.poolkeeper.io"]["namespaceSelector"])
+    params = yaml.safe_load((ROOT / "rules/agentpool-node-selector.yaml").read_text())["params"]
+    for variable, param in (("NAMESPACE_LABEL_KEY", "namespaceLabelKey"),
+                            ("NODE_LABEL_KEY", "nodeLabelKey")):
+        assert settings[variable] == f"${{{variable}:-{params[param]}}}"
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^uninstall:.*\n\t.*integration/uninstall\.sh \$\(UNINSTALL_FROM\)$",
+                     makefile, re.M)
+
+
 # -- the image -------------------------------------------------------------------------------------
 
 
