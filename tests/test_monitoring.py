@@ -244,7 +244,7 @@ def fresh_samples(tmp_path_factory) -> list:
 
 
 def matching(samples, name: str, **labels) -> list[float]:
-    return [v for n, l, v in samples if n == name and labels.items() <= l.items()]
+    return [v for n, got, v in samples if n == name and labels.items() <= got.items()]
 
 
 def test_monitoring_counters_alerts_read_exist_at_zero_when_poolkeeper_starts(fresh_samples):
