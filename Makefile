@@ -6,7 +6,8 @@ STAMP := $(VENV)/.installed-stamp
 CERTS ?= .certs
 PYTEST_ARGS ?=
 
-.PHONY: help run test lint venv certs clean bench kind-start kind-deploy integration logs kind-delete docker-e2e lock
+.PHONY: help run test lint venv certs clean bench kind-start kind-deploy integration logs kind-delete docker-e2e lock \
+	uninstall
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z0-9-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -83,6 +84,15 @@ integration: $(STAMP) ## run integration/ against the current kubectl context
 
 logs: ## the poolkeeper pods' logs
 	$(KUBECTL) -n poolkeeper-system logs -l app.kubernetes.io/name=poolkeeper --prefix --tail=200
+
+# Removes poolkeeper from the current kubectl context (README "Removing poolkeeper"): the policy
+# backstop and the webhook configuration first, then, once the API server admits an unpinned pod
+# in a pooled namespace, everything else. Safe to run twice. UNINSTALL_FROM: the kustomization it
+# was installed from (e.g. deploy/overlays/no-admission-policy); only kubectl is needed.
+UNINSTALL_FROM ?= deploy
+
+uninstall: ## remove poolkeeper, admission objects first (UNINSTALL_FROM=deploy)
+	KUBECTL=$(KUBECTL) integration/uninstall.sh $(UNINSTALL_FROM)
 
 kind-delete: ## delete the kind cluster
 	$(KIND) delete cluster --name $(KIND_CLUSTER)

@@ -90,6 +90,7 @@ def create_app(settings: Settings | None = None, *, source: NamespaceSource | No
     (unless an explicit ``events`` is given). Nothing is started.
     """
     settings = settings or load_settings()
+    metrics.initialise()
     watcher = watcher or process_watcher()
     rules = rules or RuleStore(settings.rules_dir or SHIPPED_RULES, watcher=watcher)
     if source is None:

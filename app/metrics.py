@@ -68,6 +68,29 @@ LOOKUP_HIT = NAMESPACE_LOOKUPS.labels("hit")
 LOOKUP_MISS = NAMESPACE_LOOKUPS.labels("miss")
 LOOKUP_STALE = NAMESPACE_LOOKUPS.labels("stale")
 
+# What the webhooks in deploy/base/webhook.yaml send (kind, operation), and what an unreadable
+# body is counted as; tests/test_monitoring.py checks the list against the manifest.
+REVIEWED = (("Pod", "CREATE"), ("Pod", "UPDATE"), ("DaemonSet", "CREATE"),
+            ("DaemonSet", "UPDATE"), ("Namespace", "CREATE"), ("unknown", "unknown"))
+
+
+def initialise() -> None:
+    """Create at 0 the labelled counter series that deploy/monitoring's alerts and dashboard
+    read, for each known label value. Otherwise a series is born at 1 with its first increment,
+    and ``increase()``/``rate()`` see nothing until the second: the first refused rules reload
+    would never fire PoolkeeperRulesReloadFailing. Call it in each process that counts (each
+    gunicorn worker: in multiprocess mode a process writes its own samples); calling it again
+    changes nothing.
+    """
+    for result in ("success", "failure"):
+        RULES_RELOADS.labels(result)
+    for outcome in ("sent", "rate_limited", "dropped", "failed"):
+        EVENTS.labels(outcome)
+    for result in ("hit", "miss", "stale"):
+        NAMESPACE_LOOKUPS.labels(result)
+    for kind, operation in REVIEWED:
+        ADMISSION_REQUESTS.labels(kind, operation, "error")
+
 
 def observe_review(kind: str, operation: str, decision: str, seconds: float) -> None:
     """One answered review: its decision (allowed, patched, denied, error) and its duration."""

@@ -13,19 +13,23 @@ no scheduler or controller.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
+import re
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import kubernetes.client
 import kubernetes.dynamic
 import pytest
+import yaml
 from kubernetes.client.rest import ApiException
 from kubernetes.dynamic.exceptions import ResourceNotFoundError
 
@@ -35,11 +39,13 @@ from integration.manifests import DEPLOY, kubectl, listed_files, render, with_ca
 
 from .apiserver import MiniApiServer, apiserver_fixture
 from .server import Server, start_server
-from .support import ROOT, make_request, shipped_rules
+from .support import ROOT, make_request, shipped_rules, skip_or_fail
 
 pytestmark = pytest.mark.apiserver
 
 tier_apiserver = apiserver_fixture("tier_apiserver", scope="module")
+# Its own API server: the uninstall test removes everything the others use.
+uninstall_apiserver = apiserver_fixture("uninstall_apiserver", scope="module")
 
 SERVICE = "poolkeeper-system/poolkeeper:443"  # what every webhook's clientConfig.service names
 MWC = "poolkeeper"
@@ -65,13 +71,16 @@ def unique(prefix: str) -> str:
 
 
 def pod(name: str, *, labels: dict | None = None, selector: dict | None = None,
-        limits: dict | None = None, annotations: dict | None = None) -> dict:
+        limits: dict | None = None, annotations: dict | None = None,
+        gates: list[str] | None = None) -> dict:
     container: dict = {"name": "app", "image": "busybox:1.36"}
     if limits:
         container["resources"] = {"limits": dict(limits)}
     spec: dict = {"containers": [container]}
     if selector is not None:
         spec["nodeSelector"] = dict(selector)
+    if gates:
+        spec["schedulingGates"] = [{"name": gate} for gate in gates]
     metadata: dict = {"name": name, "labels": dict(labels or {})}
     if annotations:
         metadata["annotations"] = dict(annotations)
@@ -80,6 +89,23 @@ def pod(name: str, *, labels: dict | None = None, selector: dict | None = None,
 
 def status_message(exc: ApiException) -> str:
     return json.loads(exc.body)["message"]
+
+
+def run_kubectl(apiserver: MiniApiServer, *args: str) -> subprocess.CompletedProcess:
+    binary = kubectl()
+    if binary is None:
+        skip_or_fail("kubectl not found: this test runs it against the API server")
+    return subprocess.run([binary, "--kubeconfig", apiserver.kubeconfig, *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def daemonset(name: str) -> dict:
+    labels = {"app": name}
+    return {"apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": name},
+            "spec": {"selector": {"matchLabels": labels},
+                     "template": {"metadata": {"labels": labels},
+                                  "spec": {"containers": [{"name": "agent",
+                                                           "image": "busybox:1.36"}]}}}}
 
 
 @dataclass
@@ -175,8 +201,15 @@ class Tier:
 
 @pytest.fixture(scope="module")
 def tier(tier_apiserver: MiniApiServer, tmp_path_factory: pytest.TempPathFactory):
-    apiserver = tier_apiserver
-    base = tmp_path_factory.mktemp("tier")
+    with installed(tier_apiserver, tmp_path_factory.mktemp("tier")) as tier:
+        yield tier
+
+
+@contextlib.contextmanager
+def installed(apiserver: MiniApiServer, base: Path) -> Iterator[Tier]:
+    """The base installed as integration/deploy.sh does (the workload, poolkeeper serving, then
+    the webhook configuration and the policy), a pool1 and a plain namespace, the webhook
+    pinning pods."""
     cert_dir, rules_dir, log_dir = base / "tls", base / "rules", base / "logs"
     rules_dir.mkdir()
     log_dir.mkdir()
@@ -226,8 +259,9 @@ def live(tier: Tier) -> Tier:
 
 
 def test_tier_base_is_accepted_by_the_api_server(tier: Tier):
-    # Everything in deploy/ that miniapiserver serves was created; it has no policy/v1.
-    assert set(tier.not_served) <= {"PodDisruptionBudget"}, tier.not_served
+    # Everything in deploy/ that miniapiserver serves was created; it has no policy/v1 and no
+    # resourcequotas.
+    assert set(tier.not_served) <= {"PodDisruptionBudget", "ResourceQuota"}, tier.not_served
     mwc = tier.admission.read_mutating_webhook_configuration(MWC)
     assert [w.name for w in mwc.webhooks] == ["placement.poolkeeper.io", "defaults.poolkeeper.io",
                                              "namespaces.poolkeeper.io"]
@@ -329,14 +363,7 @@ def test_tier_dry_run_shows_the_mutation_and_persists_nothing(live: Tier):
 
 def test_tier_daemonset_template_is_pinned_and_cannot_move(live: Tier):
     name = unique("agent")
-    labels = {"app": name}
-    daemonset = {
-        "apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": name},
-        "spec": {"selector": {"matchLabels": labels},
-                 "template": {"metadata": {"labels": labels},
-                              "spec": {"containers": [{"name": "agent",
-                                                       "image": "busybox:1.36"}]}}}}
-    created = live.apps.create_namespaced_daemon_set(live.pool1, daemonset)
+    created = live.apps.create_namespaced_daemon_set(live.pool1, daemonset(name))
     assert created.spec.template.spec.node_selector == {"agentpool": "pool1"}
 
     with pytest.raises(ApiException) as caught:
@@ -453,13 +480,15 @@ def test_tier_admission_policy_denies_misplaced_pods_when_the_webhook_is_bypasse
             live.pool1, pod(unique("web"), selector={"agentpool": "pool1"}))
         assert pinned.spec.node_selector == {"agentpool": "pool1"}
 
-        # UPDATE: a pod from before its namespace was pooled keeps updating; moving it to another
-        # pool is denied. (kube-apiserver forbids changing a scheduled pod's nodeSelector anyway;
-        # miniapiserver does not check pod specs, which makes the policy's own rule visible.)
+        # UPDATE: pods from before their namespace was pooled keep updating, unpinned or on
+        # another pool; moving one to another pool is denied. (kube-apiserver forbids changing a
+        # scheduled pod's nodeSelector anyway; miniapiserver does not check pod specs, which
+        # makes the policy's own rule visible.)
         namespace = unique("team-later")
         live.core.create_namespace({"metadata": {"name": namespace}})
-        older = unique("older")
+        older, elsewhere = unique("older"), unique("elsewhere")
         live.core.create_namespaced_pod(namespace, pod(older))
+        live.core.create_namespaced_pod(namespace, pod(elsewhere, selector={"agentpool": "pool2"}))
         live.core.patch_namespace(namespace, {"metadata": {"labels": {"agentpool": "pool1"}}})
 
         def move_denied() -> bool:  # once the policy sees the new namespace label
@@ -478,5 +507,168 @@ def test_tier_admission_policy_denies_misplaced_pods_when_the_webhook_is_bypasse
             older, namespace, {"metadata": {"labels": {"tier": "web"}}})
         assert relabelled.metadata.labels == {"tier": "web"}
         assert relabelled.spec.node_selector is None
+        # The key of another pool, unchanged by the update, is not a move.
+        annotated = live.core.patch_namespaced_pod(
+            elsewhere, namespace, {"metadata": {"annotations": {"example.com/note": "kept"},
+                                                "finalizers": ["example.com/cleanup"]}})
+        assert annotated.metadata.annotations == {"example.com/note": "kept"}
+        assert annotated.spec.node_selector == {"agentpool": "pool2"}
+        live.core.patch_namespaced_pod(elsewhere, namespace, {"metadata": {"finalizers": None}})
+        with pytest.raises(ApiException) as caught:
+            live.core.patch_namespaced_pod(
+                elsewhere, namespace, {"spec": {"nodeSelector": {"agentpool": "pool3"}}})
+        assert caught.value.status == 403 and f'{prefix}"pool3"' in status_message(caught.value)
     finally:
         live.ensure_webhook()
+
+
+def test_tier_pod_updates_pass_while_poolkeeper_is_down_and_creation_fails_closed(live: Tier):
+    # The placement webhook gets a pod UPDATE only while the old pod has scheduling gates (the
+    # only case in which the API server lets its placement change), so labels, annotations and
+    # finalizers of a running workload never depend on poolkeeper. Everything that can change
+    # placement still fails closed.
+    name, gated, agent = unique("web"), unique("gated"), unique("agent")
+    live.core.create_namespaced_pod(live.pool1, pod(name))
+    live.core.create_namespaced_pod(live.pool1, pod(gated, gates=["example.com/wait"]))
+    live.apps.create_namespaced_daemon_set(live.pool1, daemonset(agent))
+    live.server.stop()
+    try:
+        for args in (("label", "pod", name, "tier=web"),
+                     ("annotate", "pod", name, "example.com/note=updated")):
+            result = run_kubectl(live.apiserver, "-n", live.pool1, *args)
+            assert result.returncode == 0, result.stderr
+        # A controller's finalizer, added and removed through the client (patch: UPDATE)
+        finalized = live.core.patch_namespaced_pod(
+            name, live.pool1, {"metadata": {"finalizers": ["example.com/cleanup"]}})
+        assert finalized.metadata.finalizers == ["example.com/cleanup"]
+        live.core.patch_namespaced_pod(name, live.pool1, {"metadata": {"finalizers": None}})
+        stored = live.core.read_namespaced_pod(name, live.pool1)
+        assert stored.metadata.labels == {"tier": "web"}
+        assert stored.metadata.annotations == {"example.com/note": "updated"}
+        assert stored.spec.node_selector == {"agentpool": "pool1"}
+
+        with pytest.raises(ApiException) as caught:
+            live.core.create_namespaced_pod(live.pool1, pod(unique("web")))
+        assert caught.value.status == 500
+        assert 'failed calling webhook "placement.poolkeeper.io"' in status_message(caught.value)
+        refused = run_kubectl(live.apiserver, "-n", live.pool1, "label", "pod", gated, "tier=web")
+        assert refused.returncode != 0
+        assert 'failed calling webhook "placement.poolkeeper.io"' in refused.stderr
+        with pytest.raises(ApiException) as caught:
+            live.apps.patch_namespaced_daemon_set(agent, live.pool1,
+                                                  {"metadata": {"labels": {"tier": "web"}}})
+        assert caught.value.status == 500
+    finally:
+        live.ensure_webhook()
+
+
+def test_tier_only_updates_of_gated_pods_reach_the_placement_webhook(live: Tier):
+    name, gated = unique("web"), unique("gated")
+    live.core.create_namespaced_pod(live.pool1, pod(name))
+    created = live.core.create_namespaced_pod(live.pool1, pod(gated, gates=["example.com/wait"]))
+    assert created.spec.node_selector == {"agentpool": "pool1"}
+
+    def updates(pod_name: str) -> list[dict]:
+        return [e for e in live.admissions(pod_name) if e["operation"] == "UPDATE"]
+
+    for pod_name in (name, gated):
+        live.core.patch_namespaced_pod(pod_name, live.pool1,
+                                       {"metadata": {"labels": {"tier": "web"}}})
+    assert updates(name) == []
+    assert [e["decision"] for e in updates(gated)] == ["allowed"]
+    # Removing the last gate is an UPDATE of a gated pod: sent. After it, updates are not.
+    live.core.patch_namespaced_pod(gated, live.pool1, {"spec": {"schedulingGates": None}})
+    live.core.patch_namespaced_pod(gated, live.pool1, {"metadata": {"labels": {"tier": "db"}}})
+    assert len(updates(gated)) == 2
+
+
+def test_tier_apiserver_counts_failed_calls_under_the_names_the_alerts_read(live: Tier):
+    # deploy/monitoring's API server alerts select k8s.io/apiserver's admission metrics by these
+    # names and labels; this API server is built from that library.
+    live.server.stop()
+    try:
+        with pytest.raises(ApiException):
+            live.core.create_namespaced_pod(live.pool1, pod(unique("web")))  # fails closed
+        live.core.create_namespace({"metadata": {"name": unique("fail-open")}})  # fails open
+    finally:
+        live.ensure_webhook()
+    method, url, headers, _, _ = live.api.param_serialize("GET", "/metrics",
+                                                          auth_settings=["BearerToken"])
+    response = live.api.call_api(method, url, header_params=headers, _request_timeout=30)
+    samples = []
+    for line in response.read().decode().splitlines():
+        match = re.match(r"^(apiserver_admission_webhook_\w+)\{([^}]*)\} \S+$", line)
+        if match:
+            samples.append((match.group(1), dict(re.findall(r'(\w+)="([^"]*)"', match.group(2)))))
+    rules = yaml.safe_load((ROOT / "deploy/monitoring/prometheusrule.yaml").read_text())
+    alerts = [r for g in rules["spec"]["groups"] for r in g["rules"] if "apiserver_" in r["expr"]]
+    assert len(alerts) == 3
+    for alert in alerts:
+        metric, matchers = re.search(r"(apiserver_\w+)\{([^}]*)\}", alert["expr"]).groups()
+        selected = [labels for name, labels in samples if name == metric
+                    and all(selects(labels.get(label), op, value) for label, op, value in
+                            re.findall(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"', matchers))]
+        assert selected, (alert["alert"], metric, matchers, sorted({n for n, _ in samples}))
+        assert "name" in selected[0]  # the alerts sum by (name)
+    counted = {(name, labels.get("name"), labels.get("error_type")) for name, labels in samples}
+    assert ("apiserver_admission_webhook_rejection_count", "placement.poolkeeper.io",
+            "calling_webhook_error") in counted
+    assert ("apiserver_admission_webhook_fail_open_count", "namespaces.poolkeeper.io",
+            None) in counted
+
+
+def selects(actual: str | None, op: str, value: str) -> bool:
+    """A PromQL label matcher (regexes anchored, a missing label is the empty string)."""
+    actual = actual or ""
+    if op in ("=~", "!~"):
+        return bool(re.fullmatch(value, actual)) == (op == "=~")
+    return (actual == value) == (op == "=")
+
+
+def run_uninstall(apiserver: MiniApiServer) -> subprocess.CompletedProcess:
+    binary = kubectl()
+    if binary is None:
+        skip_or_fail("kubectl not found: integration/uninstall.sh runs it")
+    env = {**os.environ, "KUBECONFIG": apiserver.kubeconfig, "KUBECTL": binary,
+           "SETTLE_SECONDS": "0", "WAIT_SECONDS": str(int(DEADLINE))}
+    return subprocess.run(["bash", str(ROOT / "integration/uninstall.sh")], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=DEADLINE * 4)
+
+
+def test_tier_uninstall_removes_the_webhook_and_backstop_first_and_is_idempotent(
+        uninstall_apiserver: MiniApiServer, tmp_path: Path):
+    with installed(uninstall_apiserver, tmp_path) as tier:
+        # poolkeeper broken, the case in which removal matters most: pods fail closed.
+        tier.server.stop()
+        with pytest.raises(ApiException) as caught:
+            tier.core.create_namespaced_pod(tier.pool1, pod(unique("web")))
+        assert caught.value.status == 500
+
+        first = run_uninstall(uninstall_apiserver)
+        assert first.returncode == 0, first.stdout + first.stderr
+        created = tier.core.create_namespaced_pod(tier.pool1, pod(unique("web")))
+        assert created.spec.node_selector is None  # neither pinned nor denied
+        log = first.stderr
+        order = [log.index(line) for line in (
+            'validatingadmissionpolicybinding.admissionregistration.k8s.io '
+            f'"{POLICY}" deleted',
+            f'validatingadmissionpolicy.admissionregistration.k8s.io "{POLICY}" deleted',
+            f'mutatingwebhookconfiguration.admissionregistration.k8s.io "{MWC}" deleted',
+            'namespace "poolkeeper-system" deleted',
+            'clusterrole.rbac.authorization.k8s.io "poolkeeper" deleted')]
+        assert order == sorted(order), log
+        for read in (lambda: tier.admission.read_mutating_webhook_configuration(MWC),
+                     lambda: tier.admission.read_validating_admission_policy(POLICY),
+                     lambda: tier.admission.read_validating_admission_policy_binding(POLICY),
+                     lambda: tier.core.read_namespace("poolkeeper-system"),
+                     lambda: kubernetes.client.RbacAuthorizationV1Api(tier.api)
+                     .read_cluster_role("poolkeeper")):
+            with pytest.raises(ApiException) as missing:
+                read()
+            assert missing.value.status == 404
+
+        second = run_uninstall(uninstall_apiserver)
+        assert second.returncode == 0, second.stdout + second.stderr
+        assert " deleted" not in second.stdout + second.stderr
+        again = tier.core.create_namespaced_pod(tier.pool1, pod(unique("web")))
+        assert again.spec.node_selector is None

@@ -133,7 +133,7 @@ def test_manifests_kustomize_renders(directory: str):
         assert obj["metadata"]["labels"]["app.kubernetes.io/name"] == "poolkeeper"
     assert kinds.count("MutatingWebhookConfiguration") == 1
     assert {"Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap",
-            "Service", "Deployment", "PodDisruptionBudget"} <= set(kinds)
+            "Service", "Deployment", "PodDisruptionBudget", "ResourceQuota"} <= set(kinds)
     if directory.endswith("no-admission-policy"):
         assert "ValidatingAdmissionPolicy" not in kinds
         for obj in objects:
@@ -216,10 +216,26 @@ def test_manifests_webhooks_are_as_the_issue_says(webhooks):
 
 
 def test_manifests_placement_skips_mirror_pods(webhooks):
-    (condition,) = webhooks["placement.poolkeeper.io"]["matchConditions"]
-    assert "'kubernetes.io/config.mirror' in object.metadata.annotations" in \
-        condition["expression"]
-    assert condition["expression"].lstrip().startswith("!")
+    conditions = {c["name"]: c["expression"]
+                  for c in webhooks["placement.poolkeeper.io"]["matchConditions"]}
+    assert set(conditions) == {"not-a-mirror-pod", "pod-update-can-change-placement"}
+    mirror = conditions["not-a-mirror-pod"]
+    assert "'kubernetes.io/config.mirror' in object.metadata.annotations" in mirror
+    assert mirror.lstrip().startswith("!")
+
+
+def test_manifests_placement_gets_only_pod_updates_that_can_change_placement(webhooks):
+    # Ordinary pod updates (labels, annotations, finalizers) must not depend on poolkeeper, which
+    # fails closed: only a pod whose old version has scheduling gates can change its nodeSelector
+    # or affinity. CREATEs and DaemonSet updates all go. (The apiserver tier runs the CEL.)
+    (condition,) = [c["expression"] for c in webhooks["placement.poolkeeper.io"]["matchConditions"]
+                    if c["name"] == "pod-update-can-change-placement"]
+    assert " ".join(condition.split()) == (
+        "request.operation != 'UPDATE' || request.resource.resource != 'pods' || "
+        "(has(oldObject.spec.schedulingGates) && size(oldObject.spec.schedulingGates) > 0)")
+    # The fail-open webhooks get no UPDATEs at all.
+    for name in ("defaults.poolkeeper.io", "namespaces.poolkeeper.io"):
+        assert all(r["operations"] == ["CREATE"] for r in webhooks[name]["rules"])
 
 
 def test_manifests_webhooks_send_each_rule_what_it_matches(webhooks):
@@ -316,6 +332,21 @@ def test_manifests_deployment_is_highly_available(base):
     assert spread["labelSelector"]["matchLabels"].items() <= labels.items()
 
 
+def test_manifests_deployment_is_system_cluster_critical_within_its_quota(base):
+    # As Gatekeeper: scheduled before and preempted after ordinary pods, since placement fails
+    # closed; the quota scoped to that class lets the API server admit it outside kube-system
+    # where ResourceQuota limits the system classes (GKE).
+    spec = by_kind(base, "Deployment")["spec"]
+    assert spec["template"]["spec"]["priorityClassName"] == "system-cluster-critical"
+    quota = by_kind(base, "ResourceQuota")
+    assert quota["metadata"]["namespace"] == "poolkeeper-system"
+    assert quota["spec"]["scopeSelector"]["matchExpressions"] == [
+        {"scopeName": "PriorityClass", "operator": "In", "values": ["system-cluster-critical"]}]
+    rollout = spec["replicas"] + spec["strategy"]["rollingUpdate"]["maxSurge"]
+    assert int(quota["spec"]["hard"]["pods"]) >= 2 * rollout
+    assert set(quota["spec"]["hard"]) == {"pods"}  # no limit on anything that could bite
+
+
 def test_manifests_deployment_probes_and_resources(base):
     pod = by_kind(base, "Deployment")["spec"]["template"]["spec"]
     (container,) = pod["containers"]
@@ -396,6 +427,26 @@ def test_manifests_admission_policy_matches_the_placement_webhook_and_rule(base,
     binding = by_kind(base, "ValidatingAdmissionPolicyBinding")
     assert binding["spec"] == {"policyName": policy["metadata"]["name"],
                                "validationActions": ["Deny"]}
+
+
+def test_manifests_uninstall_script_names_what_the_base_installs(base, webhooks):
+    """integration/uninstall.sh deletes the admission objects by name before anything else."""
+    script = (ROOT / "integration/uninstall.sh").read_text()
+    settings = dict(re.findall(r"^([A-Z_]+)=(\S+)", script, re.M))
+    assert settings["WEBHOOK_CONFIGURATION"] == \
+        by_kind(base, "MutatingWebhookConfiguration")["metadata"]["name"]
+    policy = by_kind(base, "ValidatingAdmissionPolicy")["metadata"]["name"]
+    assert settings["POLICY"] == policy == \
+        by_kind(base, "ValidatingAdmissionPolicyBinding")["metadata"]["name"]
+    assert set(settings["EXCLUDED"].split(",")) == \
+        excluded_names(webhooks["placement.poolkeeper.io"]["namespaceSelector"])
+    params = yaml.safe_load((ROOT / "rules/agentpool-node-selector.yaml").read_text())["params"]
+    for variable, param in (("NAMESPACE_LABEL_KEY", "namespaceLabelKey"),
+                            ("NODE_LABEL_KEY", "nodeLabelKey")):
+        assert settings[variable] == f"${{{variable}:-{params[param]}}}"
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^uninstall:.*\n\t.*integration/uninstall\.sh \$\(UNINSTALL_FROM\)$",
+                     makefile, re.M)
 
 
 # -- the image -------------------------------------------------------------------------------------
