@@ -13,11 +13,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .patching import ObjectEditor
+from .kinds import template_path
+from .patching import ObjectEditor, expect_map
 from .review import (
     MUTATING_OPERATIONS,
     AdmissionRequest,
     AdmissionResponse,
+    GroupVersionKind,
     allowed,
     denied,
     patched,
@@ -65,12 +67,25 @@ def admit(request: AdmissionRequest, namespace_labels: NamespaceLookup,
         return Decision(allowed())  # DELETE and CONNECT are never mutated
     editor = ObjectEditor(request.object)
     ctx = RuleContext(request, namespace_labels)
+    template = _template_pod(request)
     denials: list[str] = []
     warnings: list[str] = []
     actions: list[Action] = []
     audit: dict[str, str] = {}
     for rule in rules:
-        if rule.enforcement == "off" or not rule.match.matches(ctx):
+        if rule.enforcement == "off":
+            continue
+        if template is not None and rule.policy.ON_TEMPLATES == "warn":
+            # a pod rule on a pod controller: the template is never changed (a GitOps tool
+            # would see drift); the pods get the rule when they are created
+            if rule.template_warnings:
+                text = _template_warning(rule, RuleContext(template, namespace_labels,
+                                                           ctx.looked_up), request.gvk.kind)
+                if text:
+                    warnings.append(warning(rule.name, text))
+                    actions.append(Action(rule.name, "warned", text))
+            continue
+        if not rule.match.matches(ctx):
             continue
         if rule.enforcement == "warn":
             result = rule.policy.evaluate(ctx, ObjectEditor(editor.current))
@@ -99,3 +114,31 @@ def admit(request: AdmissionRequest, namespace_labels: NamespaceLookup,
         audit["rules"] = ",".join(dict.fromkeys(a.rule for a in actions if a.effect == "mutated"))
         return Decision(patched(editor.ops, warnings, audit), tuple(actions), ctx.looked_up)
     return Decision(allowed(warnings), tuple(actions), ctx.looked_up)
+
+
+def _template_pod(request: AdmissionRequest) -> AdmissionRequest | None:
+    """For a pod controller, the CREATE of a pod made from its template (what its controller
+    will ask for); None for other kinds."""
+    path = template_path(request.gvk.group, request.gvk.kind)
+    if path is None or request.object is None:
+        return None
+    template = expect_map(request.object, path)
+    metadata = dict(expect_map(template, ("metadata",)))
+    if request.namespace:
+        metadata["namespace"] = request.namespace
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": metadata,
+           "spec": expect_map(template, ("spec",))}
+    return AdmissionRequest(uid=request.uid, gvk=GroupVersionKind("", "v1", "Pod"),
+                            operation="CREATE", namespace=request.namespace, name="",
+                            object=pod, old_object=None, dry_run=request.dry_run,
+                            user=request.user)
+
+
+def _template_warning(rule: Rule, pod: RuleContext, kind: str) -> str | None:
+    """What a pod rule would do to the pods of a controller, in words; None when nothing."""
+    if not rule.match.matches(pod) or pod.request.object is None:
+        return None
+    result = rule.policy.evaluate(pod, ObjectEditor(pod.request.object))
+    if not result.effects:
+        return None
+    return f"pods of this {kind} will get: {'; '.join(result.effects)}"

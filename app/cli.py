@@ -6,16 +6,11 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
-
-import jsonpatch
-import orjson
-import yaml
+from typing import TYPE_CHECKING
 
 from .config import ENV_PREFIX, ConfigError, Settings, load_settings
 
 if TYPE_CHECKING:
-    from .review import AdmissionRequest
     from .rules import Rule
 
 DESCRIPTION = "poolkeeper: pins each namespace's pods to its node pool (mutating admission webhook)"
@@ -56,9 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     mutate = commands.add_parser(
         "mutate", help="show offline what poolkeeper does to an object",
-        description="Print the object as poolkeeper would admit it. INPUT is a Pod, Namespace "
-                    "or DaemonSet in YAML or JSON, or an AdmissionReview; '-' reads stdin. A "
-                    "denial prints its message on stderr and exits 1.")
+        description="Print objects as poolkeeper would admit them. INPUT is YAML or JSON: a "
+                    "Pod, a pod controller (Deployment, ReplicaSet, StatefulSet, DaemonSet, "
+                    "Job, CronJob, ReplicationController), a Namespace, a kind: List or a "
+                    "multi-document stream (as kubectl get -o yaml prints them; status and "
+                    "managedFields are kept), or an AdmissionReview; '-' reads stdin. Output "
+                    "has the input's shape. Denials go to stderr, naming the object when there "
+                    "are several, and exit 1; unreadable input exits 2.")
     mutate.add_argument("input", metavar="INPUT")
     mutate.add_argument("--output", choices=("object", "review"), default="object",
                         help="object: the mutated object as YAML (default); review: the "
@@ -129,55 +128,27 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_input(path: str) -> Any:
-    if path == "-":
-        return yaml.safe_load(sys.stdin.read())  # YAML is a superset of JSON
-    with open(path, encoding="utf-8") as stream:
-        return yaml.safe_load(stream)
-
-
-def _request_for(doc: Any, namespace: str | None) -> AdmissionRequest:
-    from .review import parse_review, request_for
-
-    if not isinstance(doc, dict):
-        raise ConfigError("INPUT must be a Kubernetes object or an AdmissionReview")
-    if doc.get("kind") == "AdmissionReview":
-        return parse_review(doc)
-    if not isinstance(doc.get("apiVersion"), str) or not isinstance(doc.get("kind"), str):
-        raise ConfigError("INPUT has no apiVersion and kind: is it a Kubernetes object?")
-    return request_for(doc, namespace=namespace, uid="poolkeeper-mutate")
-
-
 def mutate(args: argparse.Namespace) -> int:
-    from .admission import admit
+    from .kube import KubeConfigError
     from .namespaces import NamespaceLookupError, namespace_source
+    from .offline import InputError, judge, no_cluster_hint, print_results, read_input
     from .patching import ObjectShapeError
-    from .review import ReviewError, encode_review
+    from .review import ReviewError
 
     settings = _settings_from(args)
     rules = _load_rules(settings)
     try:
-        request = _request_for(_read_input(args.input), args.object_namespace)
-        source = namespace_source(settings)
-        decision = admit(request, source.labels, rules)
-    except (OSError, yaml.YAMLError, ReviewError, ObjectShapeError,
-            NamespaceLookupError) as exc:
+        document = read_input(args.input)
+        try:
+            source = namespace_source(settings)
+        except KubeConfigError as exc:
+            raise InputError(no_cluster_hint(str(exc))) from None
+        outcomes = judge(document, rules, source.labels, args.object_namespace, sys.stderr,
+                         settings.namespaces_file)
+    except (InputError, ReviewError, ObjectShapeError, NamespaceLookupError) as exc:
         print(f"poolkeeper: {exc}", file=sys.stderr)
         return 2
-    response = decision.response
-    for warning in response.warnings:
-        print(f"Warning: {warning}", file=sys.stderr)
-    if args.output == "review":
-        print(orjson.dumps(orjson.loads(encode_review(request.uid, response)),
-                           option=orjson.OPT_INDENT_2).decode())
-    elif response.allowed:
-        result = jsonpatch.apply_patch(request.object, list(response.patch)) \
-            if response.patch else request.object
-        yaml.safe_dump(result, sys.stdout, sort_keys=False)
-    if not response.allowed:
-        print(f"denied: {response.message}", file=sys.stderr)
-        return 1
-    return 0
+    return print_results(document, outcomes, args.output, sys.stdout, sys.stderr)
 
 
 def _load_rules(settings: Settings) -> tuple[Rule, ...]:

@@ -16,14 +16,34 @@ class ObjectKind:
     pod_spec: Path | None = None  # path of the pod spec inside the object, if it has one
 
 
+_TEMPLATE = ("spec", "template")
+
 OBJECT_KINDS: dict[str, ObjectKind] = {k.name: k for k in (
     ObjectKind("Pod", "", pod_spec=("spec",)),
-    ObjectKind("DaemonSet", "apps", pod_spec=("spec", "template", "spec")),
+    # pod controllers: the pod spec of their template (spec.template.spec)
+    ObjectKind("DaemonSet", "apps", pod_spec=(*_TEMPLATE, "spec")),
+    ObjectKind("Deployment", "apps", pod_spec=(*_TEMPLATE, "spec")),
+    ObjectKind("ReplicaSet", "apps", pod_spec=(*_TEMPLATE, "spec")),
+    ObjectKind("StatefulSet", "apps", pod_spec=(*_TEMPLATE, "spec")),
+    ObjectKind("ReplicationController", "", pod_spec=(*_TEMPLATE, "spec")),
+    ObjectKind("Job", "batch", pod_spec=(*_TEMPLATE, "spec")),
+    ObjectKind("CronJob", "batch", pod_spec=("spec", "jobTemplate", *_TEMPLATE, "spec")),
     ObjectKind("Namespace", "", cluster_scoped=True),
 )}
+
+# The kinds whose objects hold a pod template rather than being a pod.
+POD_CONTROLLERS = tuple(name for name, k in OBJECT_KINDS.items()
+                        if k.pod_spec is not None and name != "Pod")
 
 
 def pod_spec_path(group: str, kind: str) -> Path | None:
     """Where an object of this (API group, kind) keeps its pod spec; None if it has none."""
     known = OBJECT_KINDS.get(kind)
     return known.pod_spec if known is not None and known.group == group else None
+
+
+def template_path(group: str, kind: str) -> Path | None:
+    """Where a pod controller keeps its pod template (metadata and spec); None for a pod or a
+    kind without one."""
+    spec = pod_spec_path(group, kind)
+    return tuple(spec[:-1]) if spec is not None and kind != "Pod" else None

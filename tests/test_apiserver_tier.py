@@ -264,6 +264,7 @@ def test_tier_base_is_accepted_by_the_api_server(tier: Tier):
     assert set(tier.not_served) <= {"PodDisruptionBudget", "ResourceQuota"}, tier.not_served
     mwc = tier.admission.read_mutating_webhook_configuration(MWC)
     assert [w.name for w in mwc.webhooks] == ["placement.poolkeeper.io", "defaults.poolkeeper.io",
+                                             "workloads.poolkeeper.io",
                                              "namespaces.poolkeeper.io"]
     deployment = tier.apps.read_namespaced_deployment("poolkeeper", "poolkeeper-system")
     assert deployment.spec.replicas == 3
@@ -374,6 +375,55 @@ def test_tier_daemonset_template_is_pinned_and_cannot_move(live: Tier):
     assert '"pool2"' in status_message(caught.value)
     stored = live.apps.read_namespaced_daemon_set(name, live.pool1)
     assert stored.spec.template.spec.node_selector == {"agentpool": "pool1"}
+
+
+CONTROLLERS = ["deployment", "replicaset", "statefulset", "replicationcontroller", "job",
+               "cronjob"]
+
+
+def controller(slug: str, outcome: str, namespace: str) -> dict:
+    """A golden case's pod controller (testdata/rules/agentpool-node-selector/), renamed and
+    moved into ``namespace``."""
+    obj = yaml.safe_load((ROOT / "testdata/rules/agentpool-node-selector" /
+                          f"{slug}-template-{outcome}/input.yaml").read_text())
+    obj["metadata"] = {"name": unique(slug), "namespace": namespace}
+    return obj
+
+
+@pytest.mark.parametrize("slug", CONTROLLERS)
+def test_tier_controller_with_another_pools_template_is_refused_at_apply(live: Tier, slug):
+    obj = controller(slug, "with-other-pool-is-denied", live.pool1)
+    with pytest.raises(ApiException) as caught:
+        live.create(obj)
+    assert caught.value.status == 403
+    message = status_message(caught.value)
+    assert 'admission webhook "workloads.poolkeeper.io" denied the request' in message
+    assert f'{obj["kind"]} pod template spec.' in message and '"pool2"' in message
+    assert 'set it to "pool1"' in message
+
+
+@pytest.mark.parametrize("slug", CONTROLLERS)
+def test_tier_controller_without_a_pool_key_is_stored_unchanged(live: Tier, slug):
+    obj = controller(slug, "without-pool-is-left-unchanged", live.pool1)
+    live.create(obj)
+    resource = live.dynamic.resources.get(api_version=obj["apiVersion"], kind=obj["kind"])
+    stored = resource.get(name=obj["metadata"]["name"], namespace=live.pool1).to_dict()
+    spec = stored["spec"]
+    template = spec["jobTemplate"]["spec"]["template"] if slug == "cronjob" else spec["template"]
+    assert "nodeSelector" not in template["spec"]  # never patched: no drift for GitOps
+    assert template["spec"]["containers"][0]["resources"]["limits"]["cpu"] == "1"
+    reviews = [e for e in live.admissions(obj["metadata"]["name"]) if e["kind"] == obj["kind"]]
+    assert [e["decision"] for e in reviews] == ["allowed"]
+    assert reviews[0]["rules"] == ["remove-cpu-limits"]  # its warning of what the pods get
+
+
+def test_tier_controller_outage_does_not_block_rollouts(live: Tier):
+    live.server.stop()
+    try:
+        obj = controller("deployment", "with-other-pool-is-denied", live.pool1)
+        live.create(obj)  # workloads fails open; its pods would still be judged, fail closed
+    finally:
+        live.start_server()
 
 
 def test_tier_reinvocation_repins_a_pod_a_later_mutation_unpinned(live: Tier):

@@ -181,24 +181,29 @@ def test_manifests_rules_configmap_holds_the_shipped_rules_and_loads(base, tmp_p
 
 def test_manifests_webhooks_are_as_the_issue_says(webhooks):
     assert list(webhooks) == ["placement.poolkeeper.io", "defaults.poolkeeper.io",
-                              "namespaces.poolkeeper.io"]
+                              "workloads.poolkeeper.io", "namespaces.poolkeeper.io"]
     for name, webhook in webhooks.items():
         path = webhook["clientConfig"]["service"]["path"]
-        assert path == f"/mutate/{name.split('.')[0]}"
-        assert path.removeprefix("/mutate/") in WEBHOOKS  # a path the app serves
+        if name == "workloads.poolkeeper.io":  # every rule: the pool rule judges, pod rules warn
+            assert path == "/mutate"
+        else:
+            assert path == f"/mutate/{name.split('.')[0]}"
+            assert path.removeprefix("/mutate/") in WEBHOOKS  # a path the app serves
         assert webhook["clientConfig"]["service"] == {
             "namespace": "poolkeeper-system", "name": "poolkeeper", "path": path, "port": 443}
         assert "url" not in webhook["clientConfig"]
         assert webhook["admissionReviewVersions"] == ["v1"]
         assert webhook["sideEffects"] == "NoneOnDryRun"
         assert webhook["timeoutSeconds"] == 3
-        assert webhook["reinvocationPolicy"] == "IfNeeded"
+        # workloads never patches, so a reinvocation could change nothing
+        assert webhook["reinvocationPolicy"] == (
+            "Never" if name == "workloads.poolkeeper.io" else "IfNeeded")
         assert webhook["matchPolicy"] == "Equivalent"
         assert "poolkeeper-system" in excluded_names(webhook["namespaceSelector"])
         assert SYSTEM_NAMESPACES <= excluded_names(webhook["namespaceSelector"])
     assert {n: w["failurePolicy"] for n, w in webhooks.items()} == {
         "placement.poolkeeper.io": "Fail", "defaults.poolkeeper.io": "Ignore",
-        "namespaces.poolkeeper.io": "Ignore"}
+        "workloads.poolkeeper.io": "Ignore", "namespaces.poolkeeper.io": "Ignore"}
 
     def rules(webhook):
         return {(tuple(r["apiGroups"]), tuple(r["apiVersions"]), tuple(r["resources"]),
@@ -211,6 +216,10 @@ def test_manifests_webhooks_are_as_the_issue_says(webhooks):
                                                           ("CREATE",))}
     assert rules(webhooks["namespaces.poolkeeper.io"]) == {(("",), ("v1",), ("namespaces",),
                                                             ("CREATE",))}
+    assert rules(webhooks["workloads.poolkeeper.io"]) == {
+        (("apps",), ("v1",), ("deployments", "replicasets", "statefulsets"), ("CREATE", "UPDATE")),
+        (("batch",), ("v1",), ("jobs", "cronjobs"), ("CREATE", "UPDATE")),
+        (("",), ("v1",), ("replicationcontrollers",), ("CREATE", "UPDATE"))}
     assert {"key": "agentpool", "operator": "Exists"} in \
         webhooks["placement.poolkeeper.io"]["namespaceSelector"]["matchExpressions"]
 
@@ -239,14 +248,21 @@ def test_manifests_placement_gets_only_pod_updates_that_can_change_placement(web
 
 
 def test_manifests_webhooks_send_each_rule_what_it_matches(webhooks):
-    """Every shipped rule's kinds and operations reach it through its own webhook, and each
-    webhook excludes at least the namespaces the rules served there exclude."""
-    resources = {"Pod": ("", "pods"), "DaemonSet": ("apps", "daemonsets"),
-                 "Namespace": ("", "namespaces")}
+    """Every shipped rule's kinds and operations reach it through its own webhook (pod
+    controllers other than DaemonSets through the fail-open workloads webhook, which runs every
+    rule on /mutate), and each webhook excludes at least the namespaces the rules served there
+    exclude."""
+    from app.kinds import OBJECT_KINDS
+
+    resources = {name: (kind.group, name.lower() + "s") for name, kind in OBJECT_KINDS.items()}
+    resources["Namespace"] = ("", "namespaces")
     for rule in load_rules(ROOT / "rules"):
         doc = yaml.safe_load((ROOT / "rules" / f"{rule.name}.yaml").read_text())
-        webhook = webhooks[f"{doc['webhook']}.poolkeeper.io"]
         for kind in doc["match"]["kinds"]:
+            own = kind in ("Pod", "DaemonSet", "Namespace")
+            webhook = webhooks[f"{doc['webhook']}.poolkeeper.io" if own else
+                               "workloads.poolkeeper.io"]
+            assert own or webhook["clientConfig"]["service"]["path"] == "/mutate", kind
             group, resource = resources[kind]
             for operation in doc["match"]["operations"]:
                 assert any(group in r["apiGroups"] and resource in r["resources"]

@@ -274,7 +274,9 @@ def test_monitoring_labelled_counters_start_at_zero_for_every_known_value(fresh_
 
 
 def test_monitoring_reviewed_kinds_are_what_the_webhooks_send():
-    kinds = {"pods": "Pod", "daemonsets": "DaemonSet", "namespaces": "Namespace"}
+    from app.kinds import OBJECT_KINDS
+
+    kinds = {name.lower() + "s": name for name in OBJECT_KINDS}
     sent = set()
     for webhook in yaml.safe_load((ROOT / "deploy/base/webhook.yaml").read_text())["webhooks"]:
         for rule in webhook["rules"]:

@@ -127,6 +127,10 @@ def test_rules_loader_names_file_field_and_allowed_values(tmp_path, replace, exp
      "webhook: 'defaults': PoolPlacement rules run on placement"),
     ("name: rule\nkind: RemoveResourceLimits\nmatch: {excludedNamespaces: [Kube_System]}\n",
      "match.excludedNamespaces: 'Kube_System' is not a namespace name"),
+    ("name: rule\nkind: RemoveResourceLimits\ntemplateWarnings: 'yes'\n",
+     "templateWarnings: must be true or false"),
+    ("name: rule\nkind: PoolPlacement\ntemplateWarnings: false\n",
+     "templateWarnings: applies to rule kinds that act on pods only; PoolPlacement does not"),
 ])
 def test_rules_loader_rejects_bad_files(tmp_path, text, expected):
     write(tmp_path, "rule", text)

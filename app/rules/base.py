@@ -38,11 +38,14 @@ class RuleContext:
 
     __slots__ = ("request", "_lookup", "looked_up")
 
-    def __init__(self, request: AdmissionRequest, namespace_labels: NamespaceLookup):
+    def __init__(self, request: AdmissionRequest, namespace_labels: NamespaceLookup,
+                 looked_up: dict[str, Mapping[str, str] | None] | None = None):
         self.request = request
         self._lookup = namespace_labels
         # name -> labels, or None when the namespace does not exist: what the rules asked for
-        self.looked_up: dict[str, Mapping[str, str] | None] = {}
+        # (shared by the contexts of one request)
+        self.looked_up: dict[str, Mapping[str, str] | None] = {} if looked_up is None \
+            else looked_up
 
     @property
     def namespace(self) -> str:
@@ -76,6 +79,11 @@ class Policy(Protocol):
     OBJECT_KINDS: tuple[str, ...]  # the object kinds it can act on (app.kinds)
     OPERATIONS: tuple[str, ...]
     PARAMS: dict[str, Param]
+    # What a pod controller's template gets from a rule of this kind: "judge" (the kind judges
+    # templates itself, its OBJECT_KINDS name the controllers), "warn" (the engine runs the pod
+    # rule on the template as on a pod, changes nothing and, with the rule's templateWarnings,
+    # warns what the pods will get) or "none".
+    ON_TEMPLATES: str
 
     def evaluate(self, ctx: RuleContext, editor: ObjectEditor) -> RuleResult: ...
 
@@ -169,3 +177,5 @@ class Rule:
     policy: Policy
     enforcement: str = "enforce"  # enforce | warn | off
     webhook: str = "defaults"  # the path /mutate/<webhook> that runs it
+    # a pod rule on a pod controller: warn what its pods will get (Policy.ON_TEMPLATES "warn")
+    template_warnings: bool = True

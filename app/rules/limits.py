@@ -32,6 +32,7 @@ class RemoveResourceLimits:
     KIND_NAME = "RemoveResourceLimits"
     OBJECT_KINDS: tuple[str, ...] = ("Pod",)
     OPERATIONS: tuple[str, ...] = ("CREATE",)
+    ON_TEMPLATES = "warn"
     PARAMS = {
         # the limits to remove
         "resources": Param(["cpu"], name_list(_RESOURCE_NAME, "resource names such as cpu")),

@@ -8,6 +8,7 @@ A rule file::
     webhook: defaults                # placement | defaults | namespaces: on /mutate/<webhook>
                                      # (default: the kind's, DEFAULT_WEBHOOK)
     enforcement: enforce             # enforce | warn | off
+    templateWarnings: true           # pod rules on pod controllers: warn what the pods will get
     match:
       kinds: [Pod]                   # default: every kind the rule kind handles
       operations: [CREATE]           # default: every operation the rule kind handles
@@ -53,7 +54,8 @@ DEFAULT_WEBHOOK = {"PoolPlacement": "placement", "NamespaceLabels": "namespaces"
 # Namespaces rules leave alone unless a rule file says otherwise: the control plane's own and
 # poolkeeper's, so the webhook can always restart.
 DEFAULT_EXCLUDED_NAMESPACES = ("kube-system", "kube-public", "kube-node-lease", "poolkeeper-system")
-_FIELDS = ("name", "description", "kind", "webhook", "enforcement", "match", "params")
+_FIELDS = ("name", "description", "kind", "webhook", "enforcement", "templateWarnings", "match",
+           "params")
 _MATCH_FIELDS = ("kinds", "operations", "namespaceSelector", "objectSelector",
                  "excludedNamespaces")
 _RULE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -145,13 +147,20 @@ def _parse_rule(doc: Mapping[str, Any], stem: str, problems: _Problems) -> Rule 
     if kind is None:
         problems.add("kind", f"{kind_name!r} is not one of {', '.join(RULE_KINDS)}")
         return None
+    template_warnings = doc.get("templateWarnings", True)
+    if not isinstance(template_warnings, bool):
+        problems.add("templateWarnings", "must be true or false")
+    elif "templateWarnings" in doc and kind.ON_TEMPLATES != "warn":
+        problems.add("templateWarnings", f"applies to rule kinds that act on pods only; "
+                                         f"{kind.KIND_NAME} does not take it")
     policy = _build_policy(kind, doc.get("params"), problems)
     match = _parse_match(doc.get("match"), kind, problems)
     if policy is None or match is None or problems.items:
         return None
     assert isinstance(name, str)  # checked above, else problems.items is not empty
     return Rule(name=name, description=description, kind_name=kind.KIND_NAME, match=match,
-                policy=policy, enforcement=enforcement, webhook=webhook)
+                policy=policy, enforcement=enforcement, webhook=webhook,
+                template_warnings=template_warnings)
 
 
 def _build_policy(kind: type[Policy], params: Any, problems: _Problems) -> Policy | None:

@@ -25,6 +25,7 @@ class NamespaceLabels:
     KIND_NAME = "NamespaceLabels"
     OBJECT_KINDS: tuple[str, ...] = ("Namespace",)
     OPERATIONS: tuple[str, ...] = ("CREATE",)
+    ON_TEMPLATES = "none"
     PARAMS = {
         # labels set on every new namespace; existing values are overwritten
         "labels": Param({"type": "user-workload"}, label_map),

@@ -21,6 +21,7 @@ class ImagePullPolicy:
     KIND_NAME = "ImagePullPolicy"
     OBJECT_KINDS: tuple[str, ...] = ("Pod",)
     OPERATIONS: tuple[str, ...] = ("CREATE",)
+    ON_TEMPLATES = "warn"
     PARAMS = {
         # the imagePullPolicy every container gets
         "policy": Param("Always", one_of("Always", "IfNotPresent", "Never")),
