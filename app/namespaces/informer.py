@@ -1,8 +1,4 @@
-"""Owns namespace label lookup and its two sources: a YAML file, or the API server (cache + watch).
-
-Every source answers ``labels(name)``: the namespace's labels, ``None`` when the namespace does not
-exist, or :class:`NamespaceLookupError` when the answer cannot be known right now (the webhook then
-answers 500 so the webhook's ``failurePolicy`` decides).
+"""Owns the API server namespace source: a list+watch store (an informer), GETs, stale fallback.
 
 :class:`KubeNamespaces` keeps three layers, consulted in this order:
 
@@ -12,212 +8,29 @@ answers 500 so the webhook's ``failurePolicy`` decides).
 2. a TTL cache (``cache_ttl``) of GET results, filled by one in-flight GET per namespace;
 3. on API errors, the newest labels known (store, or last GET) if they were known current no more
    than ``max_stale`` seconds ago; otherwise :class:`NamespaceLookupError`.
+
+What it does is counted in the Prometheus metrics (:mod:`app.metrics`); :meth:`KubeNamespaces.state`
+reports only what is not a metric.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import random
 import threading
 import time
-from typing import Any, Callable, Iterable, Protocol, runtime_checkable
+from typing import Any, Callable, Iterable
 
 import cachetools
 import kubernetes.client
 import orjson
 import urllib3
-import yaml
 
 from app import metrics
-from app.config import ConfigError, Settings
+
+from . import Labels, NamespaceLookupError
 
 log = logging.getLogger("poolkeeper.namespaces")
-
-Labels = dict[str, str]
-
-
-class NamespaceLookupError(Exception):
-    """A namespace's labels cannot be known now (e.g. the API server is unreachable too long)."""
-
-
-class NamespacesFileError(ConfigError):
-    """The namespaces file cannot be read or does not hold Namespace objects."""
-
-
-@runtime_checkable
-class NamespaceSource(Protocol):
-    def labels(self, name: str) -> Labels | None:
-        """The namespace's labels; None if it does not exist. Raises NamespaceLookupError."""
-
-    def ready(self) -> bool:
-        """True once the first full listing (or the first file load) succeeded."""
-
-    def start(self) -> None:
-        """Start background threads (daemon threads); idempotent."""
-
-    def stop(self) -> None:
-        """Stop background threads promptly."""
-
-
-def namespace_source(settings: Settings,
-                     api_client: kubernetes.client.ApiClient | None = None) -> NamespaceSource:
-    """The source the settings ask for: the namespaces file if given, else the API server
-    (through ``api_client``, or a client of its own)."""
-    if settings.namespaces_file:
-        return FileNamespaces(settings.namespaces_file)
-    owns_client = api_client is None
-    if api_client is None:
-        from app.kube import load_api_client
-        api_client = load_api_client(settings.kubeconfig)
-    return KubeNamespaces(api_client, cache_ttl=settings.cache_ttl,
-                          max_stale=settings.max_stale, owns_client=owns_client)
-
-
-# --------------------------------------------------------------------------------------------------
-# File source
-
-
-def parse_namespaces(text: str) -> dict[str, Labels]:
-    """Namespace name -> labels from YAML: a ``kind: List`` (``kubectl get ns -o yaml``), a
-    multi-document stream, or a single Namespace. Raises ValueError or yaml.YAMLError."""
-    result: dict[str, Labels] = {}
-    for number, doc in enumerate(yaml.safe_load_all(text), start=1):
-        if doc is None:
-            continue
-        where = f"document {number}"
-        if not isinstance(doc, dict):
-            raise ValueError(f"{where}: expected a Namespace or a List, got {type(doc).__name__}")
-        if doc.get("kind") in ("List", "NamespaceList"):
-            items = doc.get("items") or []
-            if not isinstance(items, list):
-                raise ValueError(f"{where}: 'items' is not a list")
-            for index, item in enumerate(items):
-                _add_namespace(result, item, f"{where}, items[{index}]", kind_optional=True)
-        else:
-            _add_namespace(result, doc, where, kind_optional=False)
-    return result
-
-
-def _add_namespace(result: dict[str, Labels], obj: Any, where: str, *, kind_optional: bool) -> None:
-    if not isinstance(obj, dict):
-        raise ValueError(f"{where}: expected a Namespace object")
-    kind = obj.get("kind")
-    if kind != "Namespace" and not (kind_optional and kind is None):
-        raise ValueError(f"{where}: kind is {kind!r}, expected Namespace or List")
-    metadata = obj.get("metadata")
-    name = metadata.get("name") if isinstance(metadata, dict) else None
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"{where}: metadata.name is missing")
-    labels = metadata.get("labels") or {}
-    if not isinstance(labels, dict):
-        raise ValueError(f"{where} ({name}): metadata.labels is not a map")
-    for key, value in labels.items():
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise ValueError(f"{where} ({name}): label {key!r}: {value!r} is not a string "
-                             "(quote values such as 'true' or '1')")
-    result[name] = dict(labels)
-
-
-class FileNamespaces:
-    """Namespaces read from a YAML file, reloaded when the file changes.
-
-    The file is checked (one ``stat``) at most every ``check_interval`` seconds, on lookup; a
-    change of mtime, size or inode (e.g. a ConfigMap's symlink swap) reloads it. A reload that
-    fails keeps the previous data and logs an error. A file that is invalid at start raises
-    :class:`NamespacesFileError` from the constructor.
-    """
-
-    def __init__(self, path: str | os.PathLike[str], *, check_interval: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.path = os.fspath(path)
-        self.check_interval = check_interval
-        self._clock = clock
-        self._check_lock = threading.Lock()
-        self.reloads = 0
-        self.reload_errors = 0
-        try:
-            signature = self._signature()
-            self._namespaces = self._read()
-        except (OSError, ValueError, yaml.YAMLError) as e:
-            raise NamespacesFileError(f"namespaces file {self.path}: {_describe(e)}") from e
-        self._loaded_signature = signature
-        self._checked_at = clock()
-        metrics.NAMESPACE_CACHE_SIZE.set(len(self._namespaces))
-        log.info("loaded %d namespaces from %s", len(self._namespaces), self.path)
-
-    def labels(self, name: str) -> Labels | None:
-        if self._clock() - self._checked_at >= self.check_interval:
-            self._maybe_reload()
-        labels = self._namespaces.get(name)
-        if labels is None:
-            metrics.LOOKUP_MISS.inc()
-            return None
-        metrics.LOOKUP_HIT.inc()
-        return dict(labels)
-
-    def ready(self) -> bool:
-        return True  # the constructor fails unless the first load succeeded
-
-    def start(self) -> None:
-        """Nothing to start: the file is checked on lookup."""
-
-    def stop(self) -> None:
-        """Nothing to stop."""
-
-    def stats(self) -> dict[str, Any]:
-        return {"namespaces": len(self._namespaces), "reloads": self.reloads,
-                "reload_errors": self.reload_errors}
-
-    def _signature(self) -> tuple[int, int, int, int]:
-        st = os.stat(self.path)  # follows symlinks, so a ConfigMap update changes the inode
-        return st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev
-
-    def _read(self) -> dict[str, Labels]:
-        with open(self.path, encoding="utf-8") as f:
-            return parse_namespaces(f.read())
-
-    def _maybe_reload(self) -> None:
-        if not self._check_lock.acquire(blocking=False):
-            return  # another thread is checking; answer from the current data
-        try:
-            self._checked_at = self._clock()
-            try:
-                signature = self._signature()
-            except OSError as e:
-                if self._loaded_signature is not None:
-                    log.error("namespaces file %s: %s; keeping the %d namespaces loaded before",
-                              self.path, _describe(e), len(self._namespaces))
-                    self.reload_errors += 1
-                self._loaded_signature = None
-                return
-            if signature == self._loaded_signature:
-                return
-            self._loaded_signature = signature  # a broken file is reported once, not every second
-            try:
-                namespaces = self._read()
-            except (OSError, ValueError, yaml.YAMLError) as e:
-                self.reload_errors += 1
-                log.error("namespaces file %s changed but cannot be loaded: %s; keeping the %d "
-                          "namespaces loaded before", self.path, _describe(e),
-                          len(self._namespaces))
-                return
-            self._namespaces = namespaces
-            self.reloads += 1
-            metrics.NAMESPACE_CACHE_SIZE.set(len(namespaces))
-            log.info("reloaded %d namespaces from %s", len(namespaces), self.path)
-        finally:
-            self._check_lock.release()
-
-
-def _describe(e: BaseException) -> str:
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    return " ".join(str(e).split()) or type(e).__name__
-
-
-# --------------------------------------------------------------------------------------------------
-# API server source
 
 
 class _Expired(Exception):
@@ -305,17 +118,7 @@ class KubeNamespaces:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
-        # statistics (plain counters, cheap; exact enough for metrics)
-        self.hits = 0  # answered from the store or the TTL cache
-        self.misses = 0  # needed a GET
-        self.stale = 0  # answered with stale labels because the API server failed
-        self.errors = 0  # raised NamespaceLookupError
-        self.gets = 0  # GET requests sent
-        self.watch_events = 0
-        self.watch_restarts = 0  # watches re-established after an error or a 410
-        self.relists = 0  # full listings completed
-        self.last_event_at: float | None = None  # clock time of the last watch event or bookmark
-        self.last_event_unix: float | None = None  # Unix time of the last event, bookmark or listing
+        self._last_event_at: float | None = None  # clock time of the last watch event or bookmark
 
     # -- NamespaceSource -------------------------------------------------------------------------
 
@@ -324,7 +127,6 @@ class KubeNamespaces:
         if synced:
             labels = self._store.get(name)
             if labels is not None and (live or self._clock() - current_at < self.cache_ttl):
-                self.hits += 1
                 metrics.LOOKUP_HIT.inc()
                 return dict(labels)
         with self._lock:
@@ -335,12 +137,10 @@ class KubeNamespaces:
                 if leader:
                     flight = self._inflight[name] = _Flight()
         if cached is not _MISSING:
-            self.hits += 1
             metrics.LOOKUP_HIT.inc()
             return None if cached is None else dict(cached)
         assert flight is not None
         if leader:
-            self.misses += 1
             metrics.LOOKUP_MISS.inc()
             self._fetch(name, flight)
         elif not flight.done.wait(self._flight_wait()):
@@ -376,17 +176,14 @@ class KubeNamespaces:
         if self.owns_client:
             self.api_client.close()
 
-    def stats(self) -> dict[str, Any]:
+    def state(self) -> dict[str, Any]:
+        """What the metrics do not say: whether the watch is live, the first listing done, the
+        sizes of the store and the GET cache, and the seconds since the last watch event."""
         live, synced, _ = self._state
-        last = self.last_event_at
-        return {
-            "hits": self.hits, "misses": self.misses, "stale": self.stale, "errors": self.errors,
-            "gets": self.gets, "store_size": len(self._store), "cache_size": len(self._ttl),
-            "watch_live": live, "synced": synced, "watch_events": self.watch_events,
-            "watch_restarts": self.watch_restarts, "relists": self.relists,
-            "last_event_at": last, "last_event_age": None if last is None else self._clock() - last,
-            "last_event_unix": self.last_event_unix,
-        }
+        last = self._last_event_at
+        return {"watch_live": live, "synced": synced, "store_size": len(self._store),
+                "cache_size": len(self._ttl),
+                "last_event_age": None if last is None else self._clock() - last}
 
     # -- lookups ---------------------------------------------------------------------------------
 
@@ -410,7 +207,6 @@ class KubeNamespaces:
                     self._last_known[name] = (labels, now)
                 flight.labels = labels
         except NamespaceLookupError as e:
-            self.errors += 1
             flight.error = e
         except BaseException as e:  # a bug: the waiting callers must not hang
             flight.error = NamespaceLookupError(f"looking up namespace {name!r} failed: {e!r}")
@@ -421,7 +217,6 @@ class KubeNamespaces:
             flight.done.set()
 
     def _get(self, name: str) -> Labels | None:
-        self.gets += 1
         try:
             response = self._api.read_namespace(name, _preload_content=False,
                                                 _request_timeout=self.get_timeout)
@@ -463,7 +258,6 @@ class KubeNamespaces:
             raise NamespaceLookupError(
                 f"cannot look up namespace {name!r}: {down}; its labels were last known {age:.1f}s "
                 f"ago, more than max-stale ({self.max_stale:g}s)")
-        self.stale += 1
         metrics.LOOKUP_STALE.inc()
         log.log(logging.WARNING if fresh_failure else logging.DEBUG,
                 "serving labels of namespace %s known %.0fs ago: %s", name, age, down)
@@ -488,7 +282,6 @@ class KubeNamespaces:
                 break
             except _Expired as e:
                 log.info("namespace watch: %s; listing again", e)
-                self.watch_restarts += 1
                 metrics.NAMESPACE_WATCH_RESTARTS.inc()
                 need_list = True
                 failures = 0
@@ -503,7 +296,6 @@ class KubeNamespaces:
             if self._stop.is_set():
                 break
             failures += 1
-            self.watch_restarts += 1
             metrics.NAMESPACE_WATCH_RESTARTS.inc()
             self._mark_broken(message)
             delay = self._backoff(failures)
@@ -556,10 +348,8 @@ class KubeNamespaces:
             self._current_at = now
             self._state = (True, True, now)
         self._unreachable_since = None
-        self.last_event_unix = time.time()
-        metrics.NAMESPACE_WATCH_LAST_EVENT.labels("apiserver").set(self.last_event_unix)
+        metrics.NAMESPACE_WATCH_LAST_EVENT.labels("apiserver").set(time.time())
         metrics.NAMESPACE_CACHE_SIZE.set(len(store))
-        self.relists += 1
         log.info("listed %d namespaces at resourceVersion %s", len(store), resource_version)
 
     def _list_timeout(self) -> tuple[float, float]:
@@ -620,10 +410,8 @@ class KubeNamespaces:
         kind = event.get("type")
         obj = event.get("object") or {}
         metadata = obj.get("metadata") or {}
-        self.last_event_at = self._clock()
-        self.last_event_unix = time.time()
-        metrics.NAMESPACE_WATCH_LAST_EVENT.labels("apiserver").set(self.last_event_unix)
-        self.watch_events += 1
+        self._last_event_at = self._clock()
+        metrics.NAMESPACE_WATCH_LAST_EVENT.labels("apiserver").set(time.time())
         if kind == "ERROR":
             code = obj.get("code")
             message = obj.get("message") or obj.get("reason") or "no message"
