@@ -256,6 +256,95 @@ def test_kube_namespaces_serves_stale_labels_then_fails_when_api_server_killed(s
     assert count(STALE) - stale == 1
 
 
+def answer(source: KubeNamespaces, name: str) -> dict[str, str] | None:
+    """The labels, or None while the lookup fails."""
+    try:
+        return source.labels(name)
+    except NamespaceLookupError:
+        return None
+
+
+@pytest.mark.apiserver
+def test_kube_namespaces_max_stale_holds_when_the_api_server_hangs(server, core, make_source,
+                                                                   capsys):
+    # A hung API server (SIGSTOP: its kernel still accepts connections, nothing answers, nothing is
+    # closed) sends no error: only silence tells. Cached labels are served until they are
+    # max-stale old, counted from the last proof that the server was alive and the watch current,
+    # then NamespaceLookupError (the webhook's 500). Each watch stream lives at most
+    # max-stale / 4 (1.5 s here; watch_timeout is scaled down too), so proofs come often.
+    max_stale = 6.0
+    name, labels = new_namespace(core, agentpool="before")
+    source, _ = make_source(cache_ttl=2.0, max_stale=max_stale, watch_timeout=2)
+    assert source.labels(name) == labels
+    wait_until(lambda: source.state()["watch_live"], "the watch")
+    # hang it in the middle of a stream, not just after a proof of life
+    wait_until(lambda: source.state()["current_age"] >= 0.5, "half a second of quiet")
+
+    age_at_stop = source.state()["current_age"]
+    with server.paused():
+        stopped = time.monotonic()
+        served_for = 0.0
+        while True:
+            try:
+                assert source.labels(name) == labels
+            except NamespaceLookupError as e:
+                first_error = time.monotonic() - stopped
+                message = str(e)
+                break
+            served_for = time.monotonic() - stopped
+            if served_for > max_stale + 20:
+                pytest.fail(f"cached labels still served {served_for:.0f}s after the API server "
+                            f"hung, with max-stale {max_stale:g}s")
+            time.sleep(0.02)
+        assert answer(source, name) is None  # and it stays so while the server hangs
+    resumed = time.monotonic()
+    wait_until(lambda: answer(source, name) == labels, "answers after SIGCONT")
+    recovered = time.monotonic() - resumed
+    relabel(core, name, agentpool="after")
+    relabelled = time.monotonic()
+    wait_until(lambda: (answer(source, name) or {}).get("agentpool") == "after",
+               "the relabel made after SIGCONT")
+    seen = time.monotonic() - relabelled
+    with capsys.disabled():
+        print(f"\nhung API server, max-stale {max_stale:g}s, last proof of life "
+              f"{age_at_stop:.1f}s before SIGSTOP: cached labels served for {served_for:.1f}s, "
+              f"first NamespaceLookupError {first_error:.1f}s after SIGSTOP; after SIGCONT "
+              f"answered again in {recovered:.1f}s, relabel seen in {seen:.1f}s")
+
+    assert name in message and "max-stale" in message
+    # proofs of life come at least once per stream (1.5 s) plus its grace (2 s)
+    assert age_at_stop <= 3.5
+    # cached labels until they are max-stale old (not before), then errors within a few seconds
+    # of the bound (a GET to the hung server takes up to 1.25 s of it)
+    assert max_stale - age_at_stop - 0.1 <= first_error <= max_stale + 4.0
+    assert recovered <= 10.0
+    assert seen <= 10.0
+
+
+@pytest.mark.apiserver
+def test_kube_namespaces_quiet_watch_is_trusted_past_max_stale(core, make_source):
+    # No namespace changes for longer than max-stale: the store still answers every lookup without
+    # a GET, because each short watch stream that the server opens and ends on time proves it
+    # alive (a quiet watch may get no BOOKMARK at all).
+    max_stale = 4.0
+    name, labels = new_namespace(core, agentpool="quiet")
+    source, requests = make_source(cache_ttl=1.0, max_stale=max_stale)
+    hits = count(HITS)
+    lookups = 0
+    ages = []
+    quiet_until = time.monotonic() + 2 * max_stale
+    while time.monotonic() < quiet_until:
+        assert source.labels(name) == labels
+        lookups += 1
+        ages.append(source.state()["current_age"])
+        time.sleep(0.05)
+    assert requests.reads() == 0
+    assert count(HITS) - hits == lookups
+    assert max(ages) <= max_stale * 0.25 + 2.0  # one stream plus its grace
+    # and the watch's last-sign-of-life gauge (PoolkeeperNamespaceWatchStale) stays fresh too
+    assert time.time() - count(LAST_EVENT) <= max_stale * 0.25 + 2.0
+
+
 @pytest.mark.apiserver
 def test_kube_namespaces_watch_resumes_after_api_server_restart(server, core, make_source):
     name, labels = new_namespace(core, agentpool="before")

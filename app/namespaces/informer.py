@@ -3,11 +3,26 @@
 :class:`KubeNamespaces` keeps three layers, consulted in this order:
 
 1. the *store*, kept current by a list+watch thread (an informer). While the watch is live a
-   lookup never waits on the API server. After the watch breaks, its entries are trusted like a
-   GET result for ``cache_ttl`` seconds from the moment it broke;
+   lookup never waits on the API server. After the watch breaks, or falls silent past its
+   deadline, its entries are trusted like a GET result for ``cache_ttl`` seconds from the last
+   proof of life;
 2. a TTL cache (``cache_ttl``) of GET results, filled by one in-flight GET per namespace;
 3. on API errors, the newest labels known (store, or last GET) if they were known current no more
    than ``max_stale`` seconds ago; otherwise :class:`NamespaceLookupError`.
+
+The store is known current as of its last *proof of life*: a listing, a watch stream opened or
+ended on time, an event or a BOOKMARK. Staleness counts from there, never from the moment the
+watch thread noticed a failure: a hung API server (connections accepted, nothing sent) fails
+nothing, it is only silent. kube-apiserver sends a BOOKMARK about every minute and 2 s before a
+watch's ``timeoutSeconds``, but only once its watch cache holds a newer resourceVersion than the
+watch started from (k8s.io/apiserver cacher: ``defaultBookmarkFrequency = time.Minute``,
+``cacheWatcher.nextBookmarkTime``), so a quiet namespace list may get none. The heartbeat to count
+on is the stream itself: each lives at most ``max_stale / 4`` seconds (and ``watch_timeout``), the
+server ends it on time and the next one opens. A stream that has not ended by its deadline plus a
+grace is silent too long: lookups stop trusting it at once (they compare the clock with the
+deadline; they do not wait for the watch thread), and the watch's read timeout ends it. So after
+a hang, lookups fail once the last proof is ``max_stale`` old: between 3/4 of ``max_stale`` and
+``max_stale`` (plus one GET's timeout) after the hang began.
 
 What it does is counted in the Prometheus metrics (:mod:`app.metrics`); :meth:`KubeNamespaces.state`
 reports only what is not a metric.
@@ -60,6 +75,12 @@ _API_ERRORS = (kubernetes.client.ApiException, urllib3.exceptions.HTTPError, OSE
 
 _MISSING = object()
 
+# A watch stream lives at most this share of max_stale, so that its end (the one heartbeat a
+# quiet watch is sure to get) comes often enough to tell a quiet watch from a hung server.
+STREAM_SHARE_OF_MAX_STALE = 0.25
+# How long past its timeoutSeconds a stream may stay open before it counts as silent, at least.
+STREAM_GRACE = 2.0
+
 
 class KubeNamespaces:
     """Namespace labels from the API server: a watched store, a TTL cache of GETs, stale fallback.
@@ -84,8 +105,8 @@ class KubeNamespaces:
         # with its one connect retry it must end (and the stale fallback answer) well within that:
         # 0.5 + 0.5 + 1.25 s.
         self.get_timeout = get_timeout
-        # timeoutSeconds of each watch (75-100% of it, so replicas spread their reconnects); the
-        # read timeout leaves room for an idle but healthy stream.
+        # Longest timeoutSeconds of a watch stream (also bounded by max_stale, see the module's
+        # docstring); each stream takes 75-100% of it, so replicas spread their reconnects.
         self.watch_timeout = watch_timeout
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
@@ -106,9 +127,9 @@ class KubeNamespaces:
         # Written by the watch thread only; lookups read them without a lock (single reads).
         self._store: dict[str, Labels] = {}
         self._resource_version: str | None = None
-        # (watch live, first listing done, clock time up to which the store is known current)
-        self._state: tuple[bool, bool, float] = (False, False, 0.0)
-        self._current_at = 0.0
+        # (watch live, first listing done, clock time of the last proof of life, clock time up
+        # to which a live watch is trusted without a new proof: its stream's deadline + grace)
+        self._state: tuple[bool, bool, float, float] = (False, False, 0.0, 0.0)
         self._watch_response: Any = None
 
         self._unreachable_since: float | None = None  # first of the current run of API failures
@@ -123,12 +144,14 @@ class KubeNamespaces:
     # -- NamespaceSource -------------------------------------------------------------------------
 
     def labels(self, name: str) -> Labels | None:
-        live, synced, current_at = self._state
+        live, synced, current_at, trusted_until = self._state
         if synced:
             labels = self._store.get(name)
-            if labels is not None and (live or self._clock() - current_at < self.cache_ttl):
-                metrics.LOOKUP_HIT.inc()
-                return dict(labels)
+            if labels is not None:
+                now = self._clock()
+                if (live and now <= trusted_until) or now - current_at < self.cache_ttl:
+                    metrics.LOOKUP_HIT.inc()
+                    return dict(labels)
         with self._lock:
             cached = self._ttl.get(name, _MISSING)
             if cached is _MISSING:
@@ -177,13 +200,16 @@ class KubeNamespaces:
             self.api_client.close()
 
     def state(self) -> dict[str, Any]:
-        """What the metrics do not say: whether the watch is live, the first listing done, the
-        sizes of the store and the GET cache, and the seconds since the last watch event."""
-        live, synced, _ = self._state
+        """What the metrics do not say: whether the watch thread holds a live stream, the first
+        listing done, the sizes of the store and the GET cache, the seconds since the store was
+        last known current (None before the first listing) and since the last watch event."""
+        live, synced, current_at, _ = self._state
+        now = self._clock()
         last = self._last_event_at
         return {"watch_live": live, "synced": synced, "store_size": len(self._store),
                 "cache_size": len(self._ttl),
-                "last_event_age": None if last is None else self._clock() - last}
+                "current_age": now - current_at if synced else None,
+                "last_event_age": None if last is None else now - last}
 
     # -- lookups ---------------------------------------------------------------------------------
 
@@ -234,16 +260,17 @@ class KubeNamespaces:
         """The newest labels known for ``name`` if no older than max_stale; else raise."""
         now = self._clock()
         fresh_failure = not isinstance(error, _RecentFailure)
+        live, synced, current_at, trusted_until = self._state
         if fresh_failure:
             self._last_error = _describe_api_error(error)
             self._get_retry_at = now + self.retry_interval
             if self._unreachable_since is None:
-                self._unreachable_since = now
+                # a watch silent past its deadline has heard nothing since its last proof
+                self._unreachable_since = current_at if synced and now > trusted_until else now
         known: tuple[Labels | None, float] | None = None
-        live, synced, current_at = self._state
         stored = self._store.get(name) if synced else None
         if stored is not None:
-            known = (stored, now if live else current_at)
+            known = (stored, current_at)
         with self._lock:
             record = self._last_known.get(name)
         if record is not None and (known is None or record[1] > known[1]):
@@ -310,15 +337,17 @@ class KubeNamespaces:
         return random.uniform(ceiling / 2, ceiling)
 
     def _mark_broken(self, reason: str) -> None:
-        live, synced, _ = self._state
+        live, synced, current_at, _ = self._state
         if live:
-            # the store was kept current up to the moment its stream ended
-            self._state = (False, synced, self._current_at)
+            # the store is known current as of its last proof of life, not of this moment
+            self._state = (False, synced, current_at, current_at)
             if self._unreachable_since is None:
-                self._unreachable_since = self._current_at
+                self._unreachable_since = current_at
             self._last_error = reason
-            log.warning("namespace watch is down (%s); serving cached labels for up to %gs",
-                        reason, self.max_stale)
+            left = max(0.0, self.max_stale - (self._clock() - current_at))
+            log.warning("namespace watch is down (%s); serving cached labels for up to %.0fs more "
+                        "(max-stale %gs from the last word of the API server)", reason, left,
+                        self.max_stale)
 
     def _relist(self) -> None:
         store: dict[str, Labels] = {}
@@ -345,8 +374,8 @@ class KubeNamespaces:
             self._store = store
             self._resource_version = resource_version
             self._ttl.clear()
-            self._current_at = now
-            self._state = (True, True, now)
+            # the watch that follows at once brings its own deadline
+            self._state = (True, True, now, now + min(STREAM_GRACE, self.max_stale))
         self._unreachable_since = None
         metrics.NAMESPACE_WATCH_LAST_EVENT.labels("apiserver").set(time.time())
         metrics.NAMESPACE_CACHE_SIZE.set(len(store))
@@ -362,12 +391,16 @@ class KubeNamespaces:
         self._check_stop()
         started = time.monotonic()
         connect, _ = self.request_timeout
-        timeout = max(1, round(self.watch_timeout * random.uniform(0.75, 1.0)))
+        longest = min(self.watch_timeout, self.max_stale * STREAM_SHARE_OF_MAX_STALE)
+        timeout = max(1, round(longest * random.uniform(0.75, 1.0)))
+        grace = max(STREAM_GRACE, 0.1 * timeout)
         try:
+            # The server ends the stream after timeoutSeconds; a stream silent for longer than
+            # that (plus grace) is from a hung server, and the read timeout ends it.
             response = self._api.list_namespace(
                 watch=True, resource_version=self._resource_version, allow_watch_bookmarks=True,
                 timeout_seconds=timeout, _preload_content=False,
-                _request_timeout=(connect, timeout + 30))
+                _request_timeout=(connect, timeout + grace))
         except kubernetes.client.ApiException as e:
             if e.status == 410:
                 raise _Expired(f"resourceVersion {self._resource_version} is too old "
@@ -380,11 +413,11 @@ class KubeNamespaces:
             if self._stop.is_set():
                 raise _Stopped()
             now = self._clock()
-            self._current_at = now
-            live, synced, _ = self._state
+            live, synced, _, _ = self._state
             if not live:
                 log.info("namespace watch is back at resourceVersion %s", self._resource_version)
-            self._state = (True, synced, now)
+            self._state = (True, synced, now, now + min(timeout + grace, self.max_stale))
+            metrics.NAMESPACE_WATCH_LAST_EVENT.labels("apiserver").set(time.time())
             self._unreachable_since = None
             for line in _lines(response.stream(65536, decode_content=True)):
                 if self._stop.is_set():
@@ -393,17 +426,17 @@ class KubeNamespaces:
                 events += 1
             if self._stop.is_set():
                 raise _Stopped()
+            self._proved()  # the server ended the stream as promised
         except (urllib3.exceptions.HTTPError, OSError):
             if self._stop.is_set():
                 raise _Stopped() from None
             raise
         finally:
-            self._current_at = self._clock()
             with self._lock:
                 self._watch_response = None
             response.close()
             response.release_conn()
-        return events > 0 or time.monotonic() - started >= 1.0
+        return events > 0 or time.monotonic() - started >= min(1.0, timeout / 2)
 
     def handle_event(self, event: dict[str, Any]) -> None:
         """Apply one watch event to the store; ERROR events raise _Expired (410) or _WatchError."""
@@ -411,7 +444,6 @@ class KubeNamespaces:
         obj = event.get("object") or {}
         metadata = obj.get("metadata") or {}
         self._last_event_at = self._clock()
-        metrics.NAMESPACE_WATCH_LAST_EVENT.labels("apiserver").set(time.time())
         if kind == "ERROR":
             code = obj.get("code")
             message = obj.get("message") or obj.get("reason") or "no message"
@@ -422,6 +454,7 @@ class KubeNamespaces:
         if kind == "BOOKMARK":
             if resource_version:
                 self._resource_version = resource_version
+            self._proved()
             return
         name = metadata.get("name")
         if kind in ("ADDED", "MODIFIED") and name:
@@ -438,6 +471,13 @@ class KubeNamespaces:
         metrics.NAMESPACE_CACHE_SIZE.set(len(self._store))
         if resource_version:
             self._resource_version = resource_version
+        self._proved()
+
+    def _proved(self) -> None:
+        """The stream just showed the store current: a proof of life."""
+        live, synced, _, trusted_until = self._state
+        self._state = (live, synced, self._clock(), trusted_until)
+        metrics.NAMESPACE_WATCH_LAST_EVENT.labels("apiserver").set(time.time())
 
     @staticmethod
     def _put(store: dict[str, Labels], obj: dict[str, Any]) -> None:
