@@ -21,8 +21,8 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -45,7 +45,7 @@ class MiniApiServer:
         self._children: list[subprocess.Popen] = []  # API servers started here (to reap)
 
     @classmethod
-    def start(cls, tool: Path, directory: Path) -> "MiniApiServer":
+    def start(cls, tool: Path, directory: Path) -> MiniApiServer:
         result = subprocess.run([str(tool / "start.sh")],
                                 env={**os.environ, "MINIAPI_DIR": str(directory)},
                                 capture_output=True, text=True, timeout=READY_TIMEOUT + 30)

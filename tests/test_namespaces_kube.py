@@ -10,7 +10,7 @@ import threading
 import time
 import urllib.parse
 import uuid
-from typing import Callable
+from collections.abc import Callable
 
 import kubernetes.client
 import pytest

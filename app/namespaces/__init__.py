@@ -1,8 +1,9 @@
-"""Owns namespace label lookup: the source protocol, its errors, and the choice of source.
+"""Owns namespace label lookup: the choice of source, and its protocol and errors (re-exported).
 
 Every source answers ``labels(name)``: the namespace's labels, ``None`` when the namespace does not
 exist, or :class:`NamespaceLookupError` when the answer cannot be known right now (the webhook then
-answers 500 so the webhook's ``failurePolicy`` decides). The sources:
+answers 500 so the webhook's ``failurePolicy`` decides). The protocol and the errors live in
+:mod:`app.namespaces.source` and are re-exported here. The sources:
 
 - :mod:`app.namespaces.file`: ``FileNamespaces``, Namespace objects read from a YAML file;
 - :mod:`app.namespaces.informer`: ``KubeNamespaces``, the API server's namespaces, listed and
@@ -14,37 +15,17 @@ alone) does not load the kubernetes client.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING
 
-from app.config import ConfigError, Settings
+from app.config import Settings
+
+from .source import Labels, NamespaceLookupError, NamespacesFileError, NamespaceSource
 
 if TYPE_CHECKING:
     import kubernetes.client
 
-Labels = dict[str, str]
-
-
-class NamespaceLookupError(Exception):
-    """A namespace's labels cannot be known now (e.g. the API server is unreachable too long)."""
-
-
-class NamespacesFileError(ConfigError):
-    """The namespaces file cannot be read or does not hold Namespace objects."""
-
-
-@runtime_checkable
-class NamespaceSource(Protocol):
-    def labels(self, name: str) -> Labels | None:
-        """The namespace's labels; None if it does not exist. Raises NamespaceLookupError."""
-
-    def ready(self) -> bool:
-        """True once the first full listing (or the first file load) succeeded."""
-
-    def start(self) -> None:
-        """Start background threads (daemon threads); idempotent."""
-
-    def stop(self) -> None:
-        """Stop background threads promptly."""
+__all__ = ["Labels", "NamespaceLookupError", "NamespaceSource", "NamespacesFileError",
+           "namespace_source"]
 
 
 def namespace_source(settings: Settings,

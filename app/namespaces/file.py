@@ -1,4 +1,4 @@
-"""Owns the file namespace source: Namespace objects read from YAML, reloaded when the file changes."""
+"""Owns the file namespace source: Namespace objects read from YAML, reloaded on change."""
 
 from __future__ import annotations
 
@@ -6,13 +6,14 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import yaml
 
 from app import metrics
 
-from . import Labels, NamespacesFileError
+from .source import Labels, NamespacesFileError
 
 log = logging.getLogger("poolkeeper.namespaces")
 
@@ -45,7 +46,9 @@ def _add_namespace(result: dict[str, Labels], obj: Any, where: str, *, kind_opti
     if kind != "Namespace" and not (kind_optional and kind is None):
         raise ValueError(f"{where}: kind is {kind!r}, expected Namespace or List")
     metadata = obj.get("metadata")
-    name = metadata.get("name") if isinstance(metadata, dict) else None
+    if not isinstance(metadata, dict):
+        metadata = {}
+    name = metadata.get("name")
     if not isinstance(name, str) or not name:
         raise ValueError(f"{where}: metadata.name is missing")
     labels = metadata.get("labels") or {}
@@ -78,7 +81,7 @@ class FileNamespaces:
             self._namespaces = self._read()
         except (OSError, ValueError, yaml.YAMLError) as e:
             raise NamespacesFileError(f"namespaces file {self.path}: {_describe(e)}") from e
-        self._loaded_signature = signature
+        self._loaded_signature: tuple[int, int, int, int] | None = signature
         self._checked_at = clock()
         metrics.NAMESPACE_CACHE_SIZE.set(len(self._namespaces))
         log.info("loaded %d namespaces from %s", len(self._namespaces), self.path)

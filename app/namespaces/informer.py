@@ -30,11 +30,13 @@ reports only what is not a metric.
 
 from __future__ import annotations
 
+import enum
 import logging
 import random
 import threading
 import time
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import cachetools
 import kubernetes.client
@@ -43,7 +45,7 @@ import urllib3
 
 from app import metrics
 
-from . import Labels, NamespaceLookupError
+from .source import Labels, NamespaceLookupError
 
 log = logging.getLogger("poolkeeper.namespaces")
 
@@ -73,7 +75,12 @@ class _Flight:
 # Errors that mean "the API server could not answer", as opposed to bugs.
 _API_ERRORS = (kubernetes.client.ApiException, urllib3.exceptions.HTTPError, OSError, ValueError)
 
-_MISSING = object()
+class _Missing(enum.Enum):
+    """Not in the TTL cache (``None`` there means: no such namespace)."""
+    MISSING = enum.auto()
+
+
+_MISSING = _Missing.MISSING
 
 # A watch stream lives at most this share of max_stale, so that its end (the one heartbeat a
 # quiet watch is sure to get) comes often enough to tell a quiet watch from a hung server.
@@ -113,7 +120,9 @@ class KubeNamespaces:
         # after a failed GET, later misses go straight to the stale answer for this long
         self.retry_interval = retry_interval
         self.owns_client = owns_client
-        self._api = kubernetes.client.CoreV1Api(api_client)
+        # Any: with _preload_content=False the calls return the raw urllib3 response, which the
+        # generated annotations do not allow for (lists, pages and watches are parsed here).
+        self._api: Any = kubernetes.client.CoreV1Api(api_client)
         self._clock = clock
 
         self._lock = threading.Lock()  # guards the caches, the in-flight map and the watch response
