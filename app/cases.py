@@ -28,7 +28,7 @@ import jsonpatch
 import yaml
 
 from .admission import admit
-from .namespaces import parse_namespaces
+from .namespaces.file import parse_namespaces
 from .review import request_for
 from .rules import Rule, parse_rule_file
 

@@ -53,8 +53,9 @@ NAMESPACE_CACHE_SIZE = Gauge(
 # reading a namespaces file) would otherwise add a 0 that livemin would report.
 NAMESPACE_WATCH_LAST_EVENT = Gauge(
     "poolkeeper_namespace_watch_last_event_timestamp_seconds",
-    "Unix time of the last namespace watch event, bookmark or (re)listing; the stalest live "
-    "worker's.", ["source"], multiprocess_mode="livemin")
+    "Unix time of the namespace watch's last sign of life (a listing, an event, a bookmark, a "
+    "stream opened or ended on time); the stalest live worker's.", ["source"],
+    multiprocess_mode="livemin")
 NAMESPACE_WATCH_RESTARTS = Counter(
     "poolkeeper_namespace_watch_restarts_total", "Namespace watches restarted after an error.")
 RULES_RELOADS = Counter(

@@ -98,10 +98,10 @@ def _measure(count: int, kubeconfig: str, repeats: int) -> dict:
     if not decision.response.patch:
         raise RuntimeError(f"no patch with {count} namespaces: {decision.response}")
     us = per_request_us(lambda req: admit(req, lookup, rules), requests, repeats)
-    stats = source.stats() if hasattr(source, "stats") else {}
+    state = source.state()
     source.stop()
     return {"count": count, "decision_us": us, "warm_ms": warm_ms, "rss_mib": rss_after,
-            "cache_mib": rss_after - rss_before, "stats": stats}
+            "cache_mib": rss_after - rss_before, "state": state}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,8 +21,8 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -45,7 +45,7 @@ class MiniApiServer:
         self._children: list[subprocess.Popen] = []  # API servers started here (to reap)
 
     @classmethod
-    def start(cls, tool: Path, directory: Path) -> "MiniApiServer":
+    def start(cls, tool: Path, directory: Path) -> MiniApiServer:
         result = subprocess.run([str(tool / "start.sh")],
                                 env={**os.environ, "MINIAPI_DIR": str(directory)},
                                 capture_output=True, text=True, timeout=READY_TIMEOUT + 30)
@@ -99,6 +99,24 @@ class MiniApiServer:
                 child.wait(timeout=30)
         _wait_closed(self.port)
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """SIGSTOP the API server for the block: a hung server, whose kernel still accepts
+        connections while nothing answers or closes them. SIGCONT follows whatever happens."""
+        if not _is_miniapiserver(self.pid):
+            raise RuntimeError(f"pid {self.pid} is not a running miniapiserver")
+        os.kill(self.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self.resume()
+
+    def resume(self) -> None:
+        """SIGCONT the API server (harmless if it runs)."""
+        if _is_miniapiserver(self.pid):  # never signal a recycled pid
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGCONT)
+
     def restart(self) -> None:
         """Start the API server again: same port, etcd, certificates and webhook-service file."""
         self._spawn(self.port, bootstrap=True)
@@ -125,7 +143,9 @@ class MiniApiServer:
 
     def stop(self) -> None:
         # API servers started here are reaped here (stop.sh would take a zombie for a live process);
-        # stop.sh then stops etcd and an API server still running from start.sh.
+        # stop.sh then stops etcd and an API server still running from start.sh. A stopped
+        # (SIGSTOP) server would hold its SIGTERM until stop.sh's SIGKILL 10 s later: resume it.
+        self.resume()
         for child in self._children:
             if child.poll() is None:
                 child.kill()

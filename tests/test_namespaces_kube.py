@@ -10,16 +10,17 @@ import threading
 import time
 import urllib.parse
 import uuid
-from typing import Callable
+from collections.abc import Callable
 
 import kubernetes.client
 import pytest
+from prometheus_client import REGISTRY
 
 from app import kube
 from app.config import ConfigError, Settings
 from app.kube import KubeConfigError, load_api_client
-from app.namespaces import (KubeNamespaces, NamespaceLookupError, NamespaceSource, _Expired, _lines,
-                            _WatchError, namespace_source)
+from app.namespaces import NamespaceLookupError, NamespaceSource, namespace_source
+from app.namespaces.informer import KubeNamespaces, _Expired, _lines, _WatchError
 
 from .apiserver import MiniApiServer, apiserver_fixture
 
@@ -34,6 +35,23 @@ def wait_until(condition: Callable[[], object], what: str, timeout: float = DEAD
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(0.05)
+
+
+def metric(name: str, **labels: str) -> float:
+    """A sample of this process's Prometheus metrics (0 if it has none yet)."""
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+HITS = "poolkeeper_namespace_cache_lookups_total", {"result": "hit"}
+MISSES = "poolkeeper_namespace_cache_lookups_total", {"result": "miss"}
+STALE = "poolkeeper_namespace_cache_lookups_total", {"result": "stale"}
+WATCH_RESTARTS = "poolkeeper_namespace_watch_restarts_total", {}
+LAST_EVENT = "poolkeeper_namespace_watch_last_event_timestamp_seconds", {"source": "apiserver"}
+
+
+def count(sample: tuple[str, dict[str, str]]) -> float:
+    name, labels = sample
+    return metric(name, **labels)
 
 
 class FakeClock:
@@ -81,6 +99,13 @@ class RequestLog:
         with self._lock:
             names = [self._namespace_read(m, p) for m, p, _ in self.requests]
         return sum(1 for n in names if n and (name is None or n == name))
+
+    def lists(self) -> int:
+        """Namespace listings (the first page of each; watches excluded)."""
+        with self._lock:
+            return sum(1 for m, p, q in self.requests
+                       if m == "GET" and p == "/api/v1/namespaces"
+                       and "watch=true" not in q.lower() and "continue=" not in q)
 
 
 @pytest.fixture
@@ -143,18 +168,21 @@ def test_kube_namespaces_first_listing_serves_labels_without_api_calls(core, mak
     source, requests = make_source(start=False)
     assert isinstance(source, NamespaceSource)
     assert not source.ready()
+    started = time.time()
     source.start()
     source.start()  # idempotent
     wait_until(source.ready, "the first listing")
     assert len(watch_threads()) == 1
 
+    hits, misses = count(HITS), count(MISSES)
     assert source.labels(name) == labels
     assert source.labels("default") == {"kubernetes.io/metadata.name": "default"}
     assert requests.reads() == 0
-    stats = source.stats()
-    assert stats["hits"] == 2 and stats["misses"] == 0 and stats["gets"] == 0
-    assert stats["synced"] and stats["relists"] == 1 and stats["store_size"] >= 5
-    assert stats["last_event_unix"] == pytest.approx(time.time(), abs=DEADLINE)
+    assert (count(HITS) - hits, count(MISSES) - misses) == (2, 0)
+    state = source.state()
+    assert state["synced"] and state["watch_live"] and state["store_size"] >= 5
+    assert requests.lists() == 1
+    assert started <= count(LAST_EVENT) <= time.time()
 
     source.stop()
     assert watch_threads() == []
@@ -170,7 +198,7 @@ def test_kube_namespaces_relabel_is_seen_through_the_watch(core, make_source):
     wait_until(lambda: source.labels(name)["agentpool"] == "pool2", "the relabel")
     assert source.labels(name) == {**labels, "agentpool": "pool2"}
     assert requests.reads() == 0
-    assert source.stats()["last_event_at"] is not None
+    assert source.state()["last_event_age"] is not None
 
 
 @pytest.mark.apiserver
@@ -207,15 +235,16 @@ def test_kube_namespaces_serves_stale_labels_then_fails_when_api_server_killed(s
     assert source.labels(name) == labels
 
     server.kill()
-    wait_until(lambda: not source.stats()["watch_live"], "the watch to notice the outage")
+    wait_until(lambda: not source.state()["watch_live"], "the watch to notice the outage")
     # within cache_ttl of the break the store still answers, without trying the API server
     assert source.labels(name) == labels
     assert requests.reads() == 0
 
     clock.advance(2.0)  # past cache_ttl: a GET is tried, fails, and the known labels are served
+    stale = count(STALE)
     assert source.labels(name) == labels
     assert requests.reads(name) == 1
-    assert source.stats()["stale"] == 1
+    assert count(STALE) - stale == 1
 
     with pytest.raises(NamespaceLookupError, match="unreachable.*never known"):
         source.labels("pk-never-seen")
@@ -224,7 +253,96 @@ def test_kube_namespaces_serves_stale_labels_then_fails_when_api_server_killed(s
     with pytest.raises(NamespaceLookupError, match=r"unreachable for 1\d\.\ds.*max-stale") as info:
         source.labels(name)
     assert name in str(info.value)
-    assert source.stats()["errors"] == 2
+    assert count(STALE) - stale == 1
+
+
+def answer(source: KubeNamespaces, name: str) -> dict[str, str] | None:
+    """The labels, or None while the lookup fails."""
+    try:
+        return source.labels(name)
+    except NamespaceLookupError:
+        return None
+
+
+@pytest.mark.apiserver
+def test_kube_namespaces_max_stale_holds_when_the_api_server_hangs(server, core, make_source,
+                                                                   capsys):
+    # A hung API server (SIGSTOP: its kernel still accepts connections, nothing answers, nothing is
+    # closed) sends no error: only silence tells. Cached labels are served until they are
+    # max-stale old, counted from the last proof that the server was alive and the watch current,
+    # then NamespaceLookupError (the webhook's 500). Each watch stream lives at most
+    # max-stale / 4 (1.5 s here; watch_timeout is scaled down too), so proofs come often.
+    max_stale = 6.0
+    name, labels = new_namespace(core, agentpool="before")
+    source, _ = make_source(cache_ttl=2.0, max_stale=max_stale, watch_timeout=2)
+    assert source.labels(name) == labels
+    wait_until(lambda: source.state()["watch_live"], "the watch")
+    # hang it in the middle of a stream, not just after a proof of life
+    wait_until(lambda: source.state()["current_age"] >= 0.5, "half a second of quiet")
+
+    age_at_stop = source.state()["current_age"]
+    with server.paused():
+        stopped = time.monotonic()
+        served_for = 0.0
+        while True:
+            try:
+                assert source.labels(name) == labels
+            except NamespaceLookupError as e:
+                first_error = time.monotonic() - stopped
+                message = str(e)
+                break
+            served_for = time.monotonic() - stopped
+            if served_for > max_stale + 20:
+                pytest.fail(f"cached labels still served {served_for:.0f}s after the API server "
+                            f"hung, with max-stale {max_stale:g}s")
+            time.sleep(0.02)
+        assert answer(source, name) is None  # and it stays so while the server hangs
+    resumed = time.monotonic()
+    wait_until(lambda: answer(source, name) == labels, "answers after SIGCONT")
+    recovered = time.monotonic() - resumed
+    relabel(core, name, agentpool="after")
+    relabelled = time.monotonic()
+    wait_until(lambda: (answer(source, name) or {}).get("agentpool") == "after",
+               "the relabel made after SIGCONT")
+    seen = time.monotonic() - relabelled
+    with capsys.disabled():
+        print(f"\nhung API server, max-stale {max_stale:g}s, last proof of life "
+              f"{age_at_stop:.1f}s before SIGSTOP: cached labels served for {served_for:.1f}s, "
+              f"first NamespaceLookupError {first_error:.1f}s after SIGSTOP; after SIGCONT "
+              f"answered again in {recovered:.1f}s, relabel seen in {seen:.1f}s")
+
+    assert name in message and "max-stale" in message
+    # proofs of life come at least once per stream (1.5 s) plus its grace (2 s)
+    assert age_at_stop <= 3.5
+    # cached labels until they are max-stale old (not before), then errors within a few seconds
+    # of the bound (a GET to the hung server takes up to 1.25 s of it)
+    assert max_stale - age_at_stop - 0.1 <= first_error <= max_stale + 4.0
+    assert recovered <= 10.0
+    assert seen <= 10.0
+
+
+@pytest.mark.apiserver
+def test_kube_namespaces_quiet_watch_is_trusted_past_max_stale(core, make_source):
+    # No namespace changes for longer than max-stale: the store still answers every lookup without
+    # a GET, because each short watch stream that the server opens and ends on time proves it
+    # alive (a quiet watch may get no BOOKMARK at all).
+    max_stale = 4.0
+    name, labels = new_namespace(core, agentpool="quiet")
+    source, requests = make_source(cache_ttl=1.0, max_stale=max_stale)
+    hits = count(HITS)
+    lookups = 0
+    ages = []
+    quiet_until = time.monotonic() + 2 * max_stale
+    while time.monotonic() < quiet_until:
+        assert source.labels(name) == labels
+        lookups += 1
+        ages.append(source.state()["current_age"])
+        time.sleep(0.05)
+    assert requests.reads() == 0
+    assert count(HITS) - hits == lookups
+    assert max(ages) <= max_stale * 0.25 + 2.0  # one stream plus its grace
+    # and the watch's last-sign-of-life gauge (PoolkeeperNamespaceWatchStale) stays fresh too
+    assert time.time() - count(LAST_EVENT) <= max_stale * 0.25 + 2.0
 
 
 @pytest.mark.apiserver
@@ -233,16 +351,17 @@ def test_kube_namespaces_watch_resumes_after_api_server_restart(server, core, ma
     source, requests = make_source(cache_ttl=300.0, max_stale=600.0)
     assert source.labels(name) == labels
 
+    restarts = count(WATCH_RESTARTS)
     server.kill()
-    wait_until(lambda: not source.stats()["watch_live"], "the watch to notice the outage")
+    wait_until(lambda: not source.state()["watch_live"], "the watch to notice the outage")
     assert source.labels(name) == labels  # the store, trusted for cache_ttl after the break
     server.restart()
-    wait_until(lambda: source.stats()["watch_live"], "the watch to come back")
+    wait_until(lambda: source.state()["watch_live"], "the watch to come back")
 
     relabel(core, name, agentpool="after")
     wait_until(lambda: source.labels(name)["agentpool"] == "after", "the relabel after the restart")
     assert requests.reads() == 0
-    assert source.stats()["watch_restarts"] >= 1
+    assert count(WATCH_RESTARTS) - restarts >= 1
 
 
 @pytest.mark.apiserver
@@ -253,10 +372,10 @@ def test_kube_namespaces_relists_on_410_after_changes_during_outage(server, core
     name, labels = new_namespace(core, agentpool="before")
     source, requests = make_source(cache_ttl=300.0, max_stale=600.0)
     assert source.labels(name) == labels
-    assert source.stats()["relists"] == 1
+    assert requests.lists() == 1
 
     server.kill()
-    wait_until(lambda: not source.stats()["watch_live"], "the watch to notice the outage")
+    wait_until(lambda: not source.state()["watch_live"], "the watch to notice the outage")
     with server.second_server() as other_kubeconfig:
         other = load_api_client(other_kubeconfig)
         try:
@@ -267,7 +386,7 @@ def test_kube_namespaces_relists_on_410_after_changes_during_outage(server, core
 
     wait_until(lambda: source.labels(name)["agentpool"] == "during",
                "the relabel made during the outage")
-    assert source.stats()["relists"] == 2
+    assert requests.lists() == 2
     assert requests.reads() == 0
     relabel(core, name, agentpool="after")
     wait_until(lambda: source.labels(name)["agentpool"] == "after", "a relabel after the re-list")
@@ -289,6 +408,7 @@ def test_kube_namespaces_single_flight_sends_one_get_for_concurrent_misses(core,
 
     requests.on_read = hold_read
     results: list[object] = [None] * callers
+    misses = count(MISSES)
 
     def lookup(i: int) -> None:
         nonlocal arrived
@@ -307,7 +427,7 @@ def test_kube_namespaces_single_flight_sends_one_get_for_concurrent_misses(core,
     assert not any(t.is_alive() for t in threads)
     assert results == [labels] * callers
     assert requests.reads(name) == 1
-    assert source.stats()["misses"] == 1
+    assert count(MISSES) - misses == 1
 
 
 @pytest.mark.apiserver
@@ -340,11 +460,28 @@ def test_namespace_source_uses_the_api_server_without_a_file(server):
     source = namespace_source(Settings(kubeconfig=server.kubeconfig, cache_ttl=5.0, max_stale=10.0))
     try:
         assert isinstance(source, KubeNamespaces)
+        assert source.owns_client  # built from the settings, closed by stop()
         assert (source.cache_ttl, source.max_stale) == (5.0, 10.0)
         # not started: answered by a GET
         assert source.labels("default") == {"kubernetes.io/metadata.name": "default"}
     finally:
         source.stop()
+
+
+@pytest.mark.apiserver
+def test_namespace_source_shares_a_given_client_and_leaves_it_open(server):
+    client = load_api_client(server.kubeconfig)
+    try:
+        source = namespace_source(Settings(kubeconfig=server.kubeconfig), api_client=client)
+        assert isinstance(source, KubeNamespaces)
+        assert source.api_client is client and not source.owns_client
+        assert source.labels("default") == {"kubernetes.io/metadata.name": "default"}
+        source.stop()
+        # the owner's client still works after the source stopped
+        namespaces = kubernetes.client.CoreV1Api(client).list_namespace(limit=1)
+        assert len(namespaces.items) == 1
+    finally:
+        client.close()
 
 
 # -- without the API server ----------------------------------------------------------------------
@@ -370,6 +507,8 @@ def event(kind: str, name: str | None, rv: str, labels: dict[str, str] | None = 
 
 def test_kube_namespaces_handle_event_applies_watch_events(offline_source):
     source = offline_source
+    assert source.state()["last_event_age"] is None
+    before = time.time()
     source.handle_event(event("ADDED", "a", "10", {"agentpool": "p1"}))
     source.handle_event(event("ADDED", "b", "11"))
     source.handle_event(event("MODIFIED", "a", "12", {"agentpool": "p2"}))
@@ -380,7 +519,8 @@ def test_kube_namespaces_handle_event_applies_watch_events(offline_source):
     assert source._store == {"a": {"agentpool": "p2"}, "b": {}}
     source.handle_event(event("DELETED", "b", "16"))
     assert source._store == {"a": {"agentpool": "p2"}}
-    assert source.stats()["watch_events"] == 5
+    assert source.state()["last_event_age"] is not None
+    assert before <= count(LAST_EVENT) <= time.time()
 
 
 def test_kube_namespaces_handle_event_410_means_list_again(offline_source):

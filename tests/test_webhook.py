@@ -13,7 +13,8 @@ import pytest
 
 from app.config import MAX_BODY_BYTES, Settings
 from app.factory import create_app
-from app.namespaces import FileNamespaces, NamespaceLookupError
+from app.namespaces import NamespaceLookupError
+from app.namespaces.file import FileNamespaces
 from app.rules import SHIPPED_RULES, RuleStore
 from app.watch import FileWatcher
 

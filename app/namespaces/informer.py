@@ -1,223 +1,53 @@
-"""Owns namespace label lookup and its two sources: a YAML file, or the API server (cache + watch).
-
-Every source answers ``labels(name)``: the namespace's labels, ``None`` when the namespace does not
-exist, or :class:`NamespaceLookupError` when the answer cannot be known right now (the webhook then
-answers 500 so the webhook's ``failurePolicy`` decides).
+"""Owns the API server namespace source: a list+watch store (an informer), GETs, stale fallback.
 
 :class:`KubeNamespaces` keeps three layers, consulted in this order:
 
 1. the *store*, kept current by a list+watch thread (an informer). While the watch is live a
-   lookup never waits on the API server. After the watch breaks, its entries are trusted like a
-   GET result for ``cache_ttl`` seconds from the moment it broke;
+   lookup never waits on the API server. After the watch breaks, or falls silent past its
+   deadline, its entries are trusted like a GET result for ``cache_ttl`` seconds from the last
+   proof of life;
 2. a TTL cache (``cache_ttl``) of GET results, filled by one in-flight GET per namespace;
 3. on API errors, the newest labels known (store, or last GET) if they were known current no more
    than ``max_stale`` seconds ago; otherwise :class:`NamespaceLookupError`.
+
+The store is known current as of its last *proof of life*: a listing, a watch stream opened or
+ended on time, an event or a BOOKMARK. Staleness counts from there, never from the moment the
+watch thread noticed a failure: a hung API server (connections accepted, nothing sent) fails
+nothing, it is only silent. kube-apiserver sends a BOOKMARK about every minute and 2 s before a
+watch's ``timeoutSeconds``, but only once its watch cache holds a newer resourceVersion than the
+watch started from (k8s.io/apiserver cacher: ``defaultBookmarkFrequency = time.Minute``,
+``cacheWatcher.nextBookmarkTime``), so a quiet namespace list may get none. The heartbeat to count
+on is the stream itself: each lives at most ``max_stale / 4`` seconds (and ``watch_timeout``), the
+server ends it on time and the next one opens. A stream that has not ended by its deadline plus a
+grace is silent too long: lookups stop trusting it at once (they compare the clock with the
+deadline; they do not wait for the watch thread), and the watch's read timeout ends it. So after
+a hang, lookups fail once the last proof is ``max_stale`` old: between 3/4 of ``max_stale`` and
+``max_stale`` (plus one GET's timeout) after the hang began.
+
+What it does is counted in the Prometheus metrics (:mod:`app.metrics`); :meth:`KubeNamespaces.state`
+reports only what is not a metric.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
-import os
 import random
 import threading
 import time
-from typing import Any, Callable, Iterable, Protocol, runtime_checkable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import cachetools
 import kubernetes.client
 import orjson
 import urllib3
-import yaml
 
 from app import metrics
-from app.config import ConfigError, Settings
+
+from .source import Labels, NamespaceLookupError
 
 log = logging.getLogger("poolkeeper.namespaces")
-
-Labels = dict[str, str]
-
-
-class NamespaceLookupError(Exception):
-    """A namespace's labels cannot be known now (e.g. the API server is unreachable too long)."""
-
-
-class NamespacesFileError(ConfigError):
-    """The namespaces file cannot be read or does not hold Namespace objects."""
-
-
-@runtime_checkable
-class NamespaceSource(Protocol):
-    def labels(self, name: str) -> Labels | None:
-        """The namespace's labels; None if it does not exist. Raises NamespaceLookupError."""
-
-    def ready(self) -> bool:
-        """True once the first full listing (or the first file load) succeeded."""
-
-    def start(self) -> None:
-        """Start background threads (daemon threads); idempotent."""
-
-    def stop(self) -> None:
-        """Stop background threads promptly."""
-
-
-def namespace_source(settings: Settings,
-                     api_client: kubernetes.client.ApiClient | None = None) -> NamespaceSource:
-    """The source the settings ask for: the namespaces file if given, else the API server
-    (through ``api_client``, or a client of its own)."""
-    if settings.namespaces_file:
-        return FileNamespaces(settings.namespaces_file)
-    owns_client = api_client is None
-    if api_client is None:
-        from app.kube import load_api_client
-        api_client = load_api_client(settings.kubeconfig)
-    return KubeNamespaces(api_client, cache_ttl=settings.cache_ttl,
-                          max_stale=settings.max_stale, owns_client=owns_client)
-
-
-# --------------------------------------------------------------------------------------------------
-# File source
-
-
-def parse_namespaces(text: str) -> dict[str, Labels]:
-    """Namespace name -> labels from YAML: a ``kind: List`` (``kubectl get ns -o yaml``), a
-    multi-document stream, or a single Namespace. Raises ValueError or yaml.YAMLError."""
-    result: dict[str, Labels] = {}
-    for number, doc in enumerate(yaml.safe_load_all(text), start=1):
-        if doc is None:
-            continue
-        where = f"document {number}"
-        if not isinstance(doc, dict):
-            raise ValueError(f"{where}: expected a Namespace or a List, got {type(doc).__name__}")
-        if doc.get("kind") in ("List", "NamespaceList"):
-            items = doc.get("items") or []
-            if not isinstance(items, list):
-                raise ValueError(f"{where}: 'items' is not a list")
-            for index, item in enumerate(items):
-                _add_namespace(result, item, f"{where}, items[{index}]", kind_optional=True)
-        else:
-            _add_namespace(result, doc, where, kind_optional=False)
-    return result
-
-
-def _add_namespace(result: dict[str, Labels], obj: Any, where: str, *, kind_optional: bool) -> None:
-    if not isinstance(obj, dict):
-        raise ValueError(f"{where}: expected a Namespace object")
-    kind = obj.get("kind")
-    if kind != "Namespace" and not (kind_optional and kind is None):
-        raise ValueError(f"{where}: kind is {kind!r}, expected Namespace or List")
-    metadata = obj.get("metadata")
-    name = metadata.get("name") if isinstance(metadata, dict) else None
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"{where}: metadata.name is missing")
-    labels = metadata.get("labels") or {}
-    if not isinstance(labels, dict):
-        raise ValueError(f"{where} ({name}): metadata.labels is not a map")
-    for key, value in labels.items():
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise ValueError(f"{where} ({name}): label {key!r}: {value!r} is not a string "
-                             "(quote values such as 'true' or '1')")
-    result[name] = dict(labels)
-
-
-class FileNamespaces:
-    """Namespaces read from a YAML file, reloaded when the file changes.
-
-    The file is checked (one ``stat``) at most every ``check_interval`` seconds, on lookup; a
-    change of mtime, size or inode (e.g. a ConfigMap's symlink swap) reloads it. A reload that
-    fails keeps the previous data and logs an error. A file that is invalid at start raises
-    :class:`NamespacesFileError` from the constructor.
-    """
-
-    def __init__(self, path: str | os.PathLike[str], *, check_interval: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.path = os.fspath(path)
-        self.check_interval = check_interval
-        self._clock = clock
-        self._check_lock = threading.Lock()
-        self.reloads = 0
-        self.reload_errors = 0
-        try:
-            signature = self._signature()
-            self._namespaces = self._read()
-        except (OSError, ValueError, yaml.YAMLError) as e:
-            raise NamespacesFileError(f"namespaces file {self.path}: {_describe(e)}") from e
-        self._loaded_signature = signature
-        self._checked_at = clock()
-        metrics.NAMESPACE_CACHE_SIZE.set(len(self._namespaces))
-        log.info("loaded %d namespaces from %s", len(self._namespaces), self.path)
-
-    def labels(self, name: str) -> Labels | None:
-        if self._clock() - self._checked_at >= self.check_interval:
-            self._maybe_reload()
-        labels = self._namespaces.get(name)
-        if labels is None:
-            metrics.LOOKUP_MISS.inc()
-            return None
-        metrics.LOOKUP_HIT.inc()
-        return dict(labels)
-
-    def ready(self) -> bool:
-        return True  # the constructor fails unless the first load succeeded
-
-    def start(self) -> None:
-        """Nothing to start: the file is checked on lookup."""
-
-    def stop(self) -> None:
-        """Nothing to stop."""
-
-    def stats(self) -> dict[str, Any]:
-        return {"namespaces": len(self._namespaces), "reloads": self.reloads,
-                "reload_errors": self.reload_errors}
-
-    def _signature(self) -> tuple[int, int, int, int]:
-        st = os.stat(self.path)  # follows symlinks, so a ConfigMap update changes the inode
-        return st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev
-
-    def _read(self) -> dict[str, Labels]:
-        with open(self.path, encoding="utf-8") as f:
-            return parse_namespaces(f.read())
-
-    def _maybe_reload(self) -> None:
-        if not self._check_lock.acquire(blocking=False):
-            return  # another thread is checking; answer from the current data
-        try:
-            self._checked_at = self._clock()
-            try:
-                signature = self._signature()
-            except OSError as e:
-                if self._loaded_signature is not None:
-                    log.error("namespaces file %s: %s; keeping the %d namespaces loaded before",
-                              self.path, _describe(e), len(self._namespaces))
-                    self.reload_errors += 1
-                self._loaded_signature = None
-                return
-            if signature == self._loaded_signature:
-                return
-            self._loaded_signature = signature  # a broken file is reported once, not every second
-            try:
-                namespaces = self._read()
-            except (OSError, ValueError, yaml.YAMLError) as e:
-                self.reload_errors += 1
-                log.error("namespaces file %s changed but cannot be loaded: %s; keeping the %d "
-                          "namespaces loaded before", self.path, _describe(e),
-                          len(self._namespaces))
-                return
-            self._namespaces = namespaces
-            self.reloads += 1
-            metrics.NAMESPACE_CACHE_SIZE.set(len(namespaces))
-            log.info("reloaded %d namespaces from %s", len(namespaces), self.path)
-        finally:
-            self._check_lock.release()
-
-
-def _describe(e: BaseException) -> str:
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    return " ".join(str(e).split()) or type(e).__name__
-
-
-# --------------------------------------------------------------------------------------------------
-# API server source
 
 
 class _Expired(Exception):
@@ -245,7 +75,18 @@ class _Flight:
 # Errors that mean "the API server could not answer", as opposed to bugs.
 _API_ERRORS = (kubernetes.client.ApiException, urllib3.exceptions.HTTPError, OSError, ValueError)
 
-_MISSING = object()
+class _Missing(enum.Enum):
+    """Not in the TTL cache (``None`` there means: no such namespace)."""
+    MISSING = enum.auto()
+
+
+_MISSING = _Missing.MISSING
+
+# A watch stream lives at most this share of max_stale, so that its end (the one heartbeat a
+# quiet watch is sure to get) comes often enough to tell a quiet watch from a hung server.
+STREAM_SHARE_OF_MAX_STALE = 0.25
+# How long past its timeoutSeconds a stream may stay open before it counts as silent, at least.
+STREAM_GRACE = 2.0
 
 
 class KubeNamespaces:
@@ -271,15 +112,17 @@ class KubeNamespaces:
         # with its one connect retry it must end (and the stale fallback answer) well within that:
         # 0.5 + 0.5 + 1.25 s.
         self.get_timeout = get_timeout
-        # timeoutSeconds of each watch (75-100% of it, so replicas spread their reconnects); the
-        # read timeout leaves room for an idle but healthy stream.
+        # Longest timeoutSeconds of a watch stream (also bounded by max_stale, see the module's
+        # docstring); each stream takes 75-100% of it, so replicas spread their reconnects.
         self.watch_timeout = watch_timeout
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
         # after a failed GET, later misses go straight to the stale answer for this long
         self.retry_interval = retry_interval
         self.owns_client = owns_client
-        self._api = kubernetes.client.CoreV1Api(api_client)
+        # Any: with _preload_content=False the calls return the raw urllib3 response, which the
+        # generated annotations do not allow for (lists, pages and watches are parsed here).
+        self._api: Any = kubernetes.client.CoreV1Api(api_client)
         self._clock = clock
 
         self._lock = threading.Lock()  # guards the caches, the in-flight map and the watch response
@@ -293,9 +136,9 @@ class KubeNamespaces:
         # Written by the watch thread only; lookups read them without a lock (single reads).
         self._store: dict[str, Labels] = {}
         self._resource_version: str | None = None
-        # (watch live, first listing done, clock time up to which the store is known current)
-        self._state: tuple[bool, bool, float] = (False, False, 0.0)
-        self._current_at = 0.0
+        # (watch live, first listing done, clock time of the last proof of life, clock time up
+        # to which a live watch is trusted without a new proof: its stream's deadline + grace)
+        self._state: tuple[bool, bool, float, float] = (False, False, 0.0, 0.0)
         self._watch_response: Any = None
 
         self._unreachable_since: float | None = None  # first of the current run of API failures
@@ -305,28 +148,19 @@ class KubeNamespaces:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
-        # statistics (plain counters, cheap; exact enough for metrics)
-        self.hits = 0  # answered from the store or the TTL cache
-        self.misses = 0  # needed a GET
-        self.stale = 0  # answered with stale labels because the API server failed
-        self.errors = 0  # raised NamespaceLookupError
-        self.gets = 0  # GET requests sent
-        self.watch_events = 0
-        self.watch_restarts = 0  # watches re-established after an error or a 410
-        self.relists = 0  # full listings completed
-        self.last_event_at: float | None = None  # clock time of the last watch event or bookmark
-        self.last_event_unix: float | None = None  # Unix time of the last event, bookmark or listing
+        self._last_event_at: float | None = None  # clock time of the last watch event or bookmark
 
     # -- NamespaceSource -------------------------------------------------------------------------
 
     def labels(self, name: str) -> Labels | None:
-        live, synced, current_at = self._state
+        live, synced, current_at, trusted_until = self._state
         if synced:
             labels = self._store.get(name)
-            if labels is not None and (live or self._clock() - current_at < self.cache_ttl):
-                self.hits += 1
-                metrics.LOOKUP_HIT.inc()
-                return dict(labels)
+            if labels is not None:
+                now = self._clock()
+                if (live and now <= trusted_until) or now - current_at < self.cache_ttl:
+                    metrics.LOOKUP_HIT.inc()
+                    return dict(labels)
         with self._lock:
             cached = self._ttl.get(name, _MISSING)
             if cached is _MISSING:
@@ -335,12 +169,10 @@ class KubeNamespaces:
                 if leader:
                     flight = self._inflight[name] = _Flight()
         if cached is not _MISSING:
-            self.hits += 1
             metrics.LOOKUP_HIT.inc()
             return None if cached is None else dict(cached)
         assert flight is not None
         if leader:
-            self.misses += 1
             metrics.LOOKUP_MISS.inc()
             self._fetch(name, flight)
         elif not flight.done.wait(self._flight_wait()):
@@ -376,17 +208,17 @@ class KubeNamespaces:
         if self.owns_client:
             self.api_client.close()
 
-    def stats(self) -> dict[str, Any]:
-        live, synced, _ = self._state
-        last = self.last_event_at
-        return {
-            "hits": self.hits, "misses": self.misses, "stale": self.stale, "errors": self.errors,
-            "gets": self.gets, "store_size": len(self._store), "cache_size": len(self._ttl),
-            "watch_live": live, "synced": synced, "watch_events": self.watch_events,
-            "watch_restarts": self.watch_restarts, "relists": self.relists,
-            "last_event_at": last, "last_event_age": None if last is None else self._clock() - last,
-            "last_event_unix": self.last_event_unix,
-        }
+    def state(self) -> dict[str, Any]:
+        """What the metrics do not say: whether the watch thread holds a live stream, the first
+        listing done, the sizes of the store and the GET cache, the seconds since the store was
+        last known current (None before the first listing) and since the last watch event."""
+        live, synced, current_at, _ = self._state
+        now = self._clock()
+        last = self._last_event_at
+        return {"watch_live": live, "synced": synced, "store_size": len(self._store),
+                "cache_size": len(self._ttl),
+                "current_age": now - current_at if synced else None,
+                "last_event_age": None if last is None else now - last}
 
     # -- lookups ---------------------------------------------------------------------------------
 
@@ -410,7 +242,6 @@ class KubeNamespaces:
                     self._last_known[name] = (labels, now)
                 flight.labels = labels
         except NamespaceLookupError as e:
-            self.errors += 1
             flight.error = e
         except BaseException as e:  # a bug: the waiting callers must not hang
             flight.error = NamespaceLookupError(f"looking up namespace {name!r} failed: {e!r}")
@@ -421,7 +252,6 @@ class KubeNamespaces:
             flight.done.set()
 
     def _get(self, name: str) -> Labels | None:
-        self.gets += 1
         try:
             response = self._api.read_namespace(name, _preload_content=False,
                                                 _request_timeout=self.get_timeout)
@@ -439,16 +269,17 @@ class KubeNamespaces:
         """The newest labels known for ``name`` if no older than max_stale; else raise."""
         now = self._clock()
         fresh_failure = not isinstance(error, _RecentFailure)
+        live, synced, current_at, trusted_until = self._state
         if fresh_failure:
             self._last_error = _describe_api_error(error)
             self._get_retry_at = now + self.retry_interval
             if self._unreachable_since is None:
-                self._unreachable_since = now
+                # a watch silent past its deadline has heard nothing since its last proof
+                self._unreachable_since = current_at if synced and now > trusted_until else now
         known: tuple[Labels | None, float] | None = None
-        live, synced, current_at = self._state
         stored = self._store.get(name) if synced else None
         if stored is not None:
-            known = (stored, now if live else current_at)
+            known = (stored, current_at)
         with self._lock:
             record = self._last_known.get(name)
         if record is not None and (known is None or record[1] > known[1]):
@@ -463,7 +294,6 @@ class KubeNamespaces:
             raise NamespaceLookupError(
                 f"cannot look up namespace {name!r}: {down}; its labels were last known {age:.1f}s "
                 f"ago, more than max-stale ({self.max_stale:g}s)")
-        self.stale += 1
         metrics.LOOKUP_STALE.inc()
         log.log(logging.WARNING if fresh_failure else logging.DEBUG,
                 "serving labels of namespace %s known %.0fs ago: %s", name, age, down)
@@ -488,7 +318,6 @@ class KubeNamespaces:
                 break
             except _Expired as e:
                 log.info("namespace watch: %s; listing again", e)
-                self.watch_restarts += 1
                 metrics.NAMESPACE_WATCH_RESTARTS.inc()
                 need_list = True
                 failures = 0
@@ -503,7 +332,6 @@ class KubeNamespaces:
             if self._stop.is_set():
                 break
             failures += 1
-            self.watch_restarts += 1
             metrics.NAMESPACE_WATCH_RESTARTS.inc()
             self._mark_broken(message)
             delay = self._backoff(failures)
@@ -518,15 +346,17 @@ class KubeNamespaces:
         return random.uniform(ceiling / 2, ceiling)
 
     def _mark_broken(self, reason: str) -> None:
-        live, synced, _ = self._state
+        live, synced, current_at, _ = self._state
         if live:
-            # the store was kept current up to the moment its stream ended
-            self._state = (False, synced, self._current_at)
+            # the store is known current as of its last proof of life, not of this moment
+            self._state = (False, synced, current_at, current_at)
             if self._unreachable_since is None:
-                self._unreachable_since = self._current_at
+                self._unreachable_since = current_at
             self._last_error = reason
-            log.warning("namespace watch is down (%s); serving cached labels for up to %gs",
-                        reason, self.max_stale)
+            left = max(0.0, self.max_stale - (self._clock() - current_at))
+            log.warning("namespace watch is down (%s); serving cached labels for up to %.0fs more "
+                        "(max-stale %gs from the last word of the API server)", reason, left,
+                        self.max_stale)
 
     def _relist(self) -> None:
         store: dict[str, Labels] = {}
@@ -553,13 +383,11 @@ class KubeNamespaces:
             self._store = store
             self._resource_version = resource_version
             self._ttl.clear()
-            self._current_at = now
-            self._state = (True, True, now)
+            # the watch that follows at once brings its own deadline
+            self._state = (True, True, now, now + min(STREAM_GRACE, self.max_stale))
         self._unreachable_since = None
-        self.last_event_unix = time.time()
-        metrics.NAMESPACE_WATCH_LAST_EVENT.labels("apiserver").set(self.last_event_unix)
+        metrics.NAMESPACE_WATCH_LAST_EVENT.labels("apiserver").set(time.time())
         metrics.NAMESPACE_CACHE_SIZE.set(len(store))
-        self.relists += 1
         log.info("listed %d namespaces at resourceVersion %s", len(store), resource_version)
 
     def _list_timeout(self) -> tuple[float, float]:
@@ -572,12 +400,16 @@ class KubeNamespaces:
         self._check_stop()
         started = time.monotonic()
         connect, _ = self.request_timeout
-        timeout = max(1, round(self.watch_timeout * random.uniform(0.75, 1.0)))
+        longest = min(self.watch_timeout, self.max_stale * STREAM_SHARE_OF_MAX_STALE)
+        timeout = max(1, round(longest * random.uniform(0.75, 1.0)))
+        grace = max(STREAM_GRACE, 0.1 * timeout)
         try:
+            # The server ends the stream after timeoutSeconds; a stream silent for longer than
+            # that (plus grace) is from a hung server, and the read timeout ends it.
             response = self._api.list_namespace(
                 watch=True, resource_version=self._resource_version, allow_watch_bookmarks=True,
                 timeout_seconds=timeout, _preload_content=False,
-                _request_timeout=(connect, timeout + 30))
+                _request_timeout=(connect, timeout + grace))
         except kubernetes.client.ApiException as e:
             if e.status == 410:
                 raise _Expired(f"resourceVersion {self._resource_version} is too old "
@@ -590,11 +422,11 @@ class KubeNamespaces:
             if self._stop.is_set():
                 raise _Stopped()
             now = self._clock()
-            self._current_at = now
-            live, synced, _ = self._state
+            live, synced, _, _ = self._state
             if not live:
                 log.info("namespace watch is back at resourceVersion %s", self._resource_version)
-            self._state = (True, synced, now)
+            self._state = (True, synced, now, now + min(timeout + grace, self.max_stale))
+            metrics.NAMESPACE_WATCH_LAST_EVENT.labels("apiserver").set(time.time())
             self._unreachable_since = None
             for line in _lines(response.stream(65536, decode_content=True)):
                 if self._stop.is_set():
@@ -603,27 +435,24 @@ class KubeNamespaces:
                 events += 1
             if self._stop.is_set():
                 raise _Stopped()
+            self._proved()  # the server ended the stream as promised
         except (urllib3.exceptions.HTTPError, OSError):
             if self._stop.is_set():
                 raise _Stopped() from None
             raise
         finally:
-            self._current_at = self._clock()
             with self._lock:
                 self._watch_response = None
             response.close()
             response.release_conn()
-        return events > 0 or time.monotonic() - started >= 1.0
+        return events > 0 or time.monotonic() - started >= min(1.0, timeout / 2)
 
     def handle_event(self, event: dict[str, Any]) -> None:
         """Apply one watch event to the store; ERROR events raise _Expired (410) or _WatchError."""
         kind = event.get("type")
         obj = event.get("object") or {}
         metadata = obj.get("metadata") or {}
-        self.last_event_at = self._clock()
-        self.last_event_unix = time.time()
-        metrics.NAMESPACE_WATCH_LAST_EVENT.labels("apiserver").set(self.last_event_unix)
-        self.watch_events += 1
+        self._last_event_at = self._clock()
         if kind == "ERROR":
             code = obj.get("code")
             message = obj.get("message") or obj.get("reason") or "no message"
@@ -634,6 +463,7 @@ class KubeNamespaces:
         if kind == "BOOKMARK":
             if resource_version:
                 self._resource_version = resource_version
+            self._proved()
             return
         name = metadata.get("name")
         if kind in ("ADDED", "MODIFIED") and name:
@@ -650,6 +480,13 @@ class KubeNamespaces:
         metrics.NAMESPACE_CACHE_SIZE.set(len(self._store))
         if resource_version:
             self._resource_version = resource_version
+        self._proved()
+
+    def _proved(self) -> None:
+        """The stream just showed the store current: a proof of life."""
+        live, synced, _, trusted_until = self._state
+        self._state = (live, synced, self._clock(), trusted_until)
+        metrics.NAMESPACE_WATCH_LAST_EVENT.labels("apiserver").set(time.time())
 
     @staticmethod
     def _put(store: dict[str, Labels], obj: dict[str, Any]) -> None:

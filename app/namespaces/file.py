@@ -1,0 +1,149 @@
+"""Owns the file namespace source: Namespace objects read from YAML, reloaded on change."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import yaml
+
+from app import metrics
+
+from .source import Labels, NamespacesFileError
+
+log = logging.getLogger("poolkeeper.namespaces")
+
+
+def parse_namespaces(text: str) -> dict[str, Labels]:
+    """Namespace name -> labels from YAML: a ``kind: List`` (``kubectl get ns -o yaml``), a
+    multi-document stream, or a single Namespace. Raises ValueError or yaml.YAMLError."""
+    result: dict[str, Labels] = {}
+    for number, doc in enumerate(yaml.safe_load_all(text), start=1):
+        if doc is None:
+            continue
+        where = f"document {number}"
+        if not isinstance(doc, dict):
+            raise ValueError(f"{where}: expected a Namespace or a List, got {type(doc).__name__}")
+        if doc.get("kind") in ("List", "NamespaceList"):
+            items = doc.get("items") or []
+            if not isinstance(items, list):
+                raise ValueError(f"{where}: 'items' is not a list")
+            for index, item in enumerate(items):
+                _add_namespace(result, item, f"{where}, items[{index}]", kind_optional=True)
+        else:
+            _add_namespace(result, doc, where, kind_optional=False)
+    return result
+
+
+def _add_namespace(result: dict[str, Labels], obj: Any, where: str, *, kind_optional: bool) -> None:
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected a Namespace object")
+    kind = obj.get("kind")
+    if kind != "Namespace" and not (kind_optional and kind is None):
+        raise ValueError(f"{where}: kind is {kind!r}, expected Namespace or List")
+    metadata = obj.get("metadata")
+    if not isinstance(metadata, dict):
+        metadata = {}
+    name = metadata.get("name")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{where}: metadata.name is missing")
+    labels = metadata.get("labels") or {}
+    if not isinstance(labels, dict):
+        raise ValueError(f"{where} ({name}): metadata.labels is not a map")
+    for key, value in labels.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise ValueError(f"{where} ({name}): label {key!r}: {value!r} is not a string "
+                             "(quote values such as 'true' or '1')")
+    result[name] = dict(labels)
+
+
+class FileNamespaces:
+    """Namespaces read from a YAML file, reloaded when the file changes.
+
+    The file is checked (one ``stat``) at most every ``check_interval`` seconds, on lookup; a
+    change of mtime, size or inode (e.g. a ConfigMap's symlink swap) reloads it. A reload that
+    fails keeps the previous data and logs an error. A file that is invalid at start raises
+    :class:`NamespacesFileError` from the constructor.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, check_interval: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.path = os.fspath(path)
+        self.check_interval = check_interval
+        self._clock = clock
+        self._check_lock = threading.Lock()
+        try:
+            signature = self._signature()
+            self._namespaces = self._read()
+        except (OSError, ValueError, yaml.YAMLError) as e:
+            raise NamespacesFileError(f"namespaces file {self.path}: {_describe(e)}") from e
+        self._loaded_signature: tuple[int, int, int, int] | None = signature
+        self._checked_at = clock()
+        metrics.NAMESPACE_CACHE_SIZE.set(len(self._namespaces))
+        log.info("loaded %d namespaces from %s", len(self._namespaces), self.path)
+
+    def labels(self, name: str) -> Labels | None:
+        if self._clock() - self._checked_at >= self.check_interval:
+            self._maybe_reload()
+        labels = self._namespaces.get(name)
+        if labels is None:
+            metrics.LOOKUP_MISS.inc()
+            return None
+        metrics.LOOKUP_HIT.inc()
+        return dict(labels)
+
+    def ready(self) -> bool:
+        return True  # the constructor fails unless the first load succeeded
+
+    def start(self) -> None:
+        """Nothing to start: the file is checked on lookup."""
+
+    def stop(self) -> None:
+        """Nothing to stop."""
+
+    def _signature(self) -> tuple[int, int, int, int]:
+        st = os.stat(self.path)  # follows symlinks, so a ConfigMap update changes the inode
+        return st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev
+
+    def _read(self) -> dict[str, Labels]:
+        with open(self.path, encoding="utf-8") as f:
+            return parse_namespaces(f.read())
+
+    def _maybe_reload(self) -> None:
+        if not self._check_lock.acquire(blocking=False):
+            return  # another thread is checking; answer from the current data
+        try:
+            self._checked_at = self._clock()
+            try:
+                signature = self._signature()
+            except OSError as e:
+                if self._loaded_signature is not None:
+                    log.error("namespaces file %s: %s; keeping the %d namespaces loaded before",
+                              self.path, _describe(e), len(self._namespaces))
+                self._loaded_signature = None
+                return
+            if signature == self._loaded_signature:
+                return
+            self._loaded_signature = signature  # a broken file is reported once, not every second
+            try:
+                namespaces = self._read()
+            except (OSError, ValueError, yaml.YAMLError) as e:
+                log.error("namespaces file %s changed but cannot be loaded: %s; keeping the %d "
+                          "namespaces loaded before", self.path, _describe(e),
+                          len(self._namespaces))
+                return
+            self._namespaces = namespaces
+            metrics.NAMESPACE_CACHE_SIZE.set(len(namespaces))
+            log.info("reloaded %d namespaces from %s", len(namespaces), self.path)
+        finally:
+            self._check_lock.release()
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return " ".join(str(e).split()) or type(e).__name__
