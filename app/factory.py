@@ -37,6 +37,7 @@ class Services:
     # called with the WSGI environ after a 413, so the server can drop the rest of the body or
     # close the connection (app.server.worker.discard_or_close); None outside gunicorn
     on_too_large: Callable[[dict[str, Any]], None] | None = None
+    api_client: Any = None  # the kubernetes client the factory built (shared by source, events)
     started: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -56,6 +57,9 @@ class Services:
             self.source.stop()
             if self.events is not None:
                 self.events.stop()
+            if self.api_client is not None:
+                self.api_client.close()
+                self.api_client = None
             self.started = False
 
     def acted(self, request: AdmissionRequest, decision: Decision) -> None:
@@ -93,14 +97,14 @@ def create_app(settings: Settings | None = None, *, source: NamespaceSource | No
     metrics.initialise()
     watcher = watcher or process_watcher()
     rules = rules or RuleStore(settings.rules_dir or SHIPPED_RULES, watcher=watcher)
+    api_client = None
     if source is None:
-        api_client = None
         if not settings.namespaces_file:
             from .kube import load_api_client
 
             api_client = load_api_client(settings.kubeconfig)
             if events is None:
                 events = EventRecorder(api_poster(api_client))
-        source = namespace_source(settings, api_client)
+        source = namespace_source(settings, api_client, watcher)
     return flask_app(Services(settings, source, rules, events, cert_paths(settings.cert_dir)[0],
-                              watcher, on_too_large))
+                              watcher, on_too_large, api_client))

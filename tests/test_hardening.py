@@ -21,7 +21,7 @@ from app.certs import create_certificates
 from app.config import Settings
 from app.events import EventRecorder
 from app.factory import create_app
-from app.namespaces import FileNamespaces
+from app.namespaces.file import FileNamespaces
 from app.rules import SHIPPED_RULES, RuleStore
 from app.rules.limits import _parse_quantity_text
 from app.watch import FileWatcher

@@ -21,8 +21,7 @@ from cryptography import x509
 from app.certs import serving_names
 from app.config import Settings
 from app.rules import WEBHOOKS, load_rules
-from integration.manifests import (DEPLOY, ca_bundle, kubectl, listed_files, render,
-                                   with_ca_bundle)
+from integration.manifests import DEPLOY, ca_bundle, kubectl, listed_files, render, with_ca_bundle
 
 from .support import ROOT, skip_or_fail
 

@@ -11,6 +11,7 @@ import pytest
 from app.config import ConfigError, Settings
 from app.namespaces import NamespacesFileError, NamespaceSource, namespace_source
 from app.namespaces.file import FileNamespaces
+from app.watch import FileWatcher
 
 LIST = """\
 apiVersion: v1
@@ -50,14 +51,6 @@ metadata:
 """
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def write(path: Path, text: str) -> Path:
     """Write and make sure the change is visible by signature even on coarse-mtime filesystems."""
     before = path.stat() if path.exists() else None
@@ -68,8 +61,8 @@ def write(path: Path, text: str) -> Path:
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
+def watcher() -> FileWatcher:
+    return FileWatcher()  # never started: tests run its passes with check()
 
 
 def test_file_namespaces_reads_a_kubectl_list(tmp_path):
@@ -116,60 +109,59 @@ def reloads(caplog: pytest.LogCaptureFixture) -> int:
     return sum(1 for r in caplog.records if r.getMessage().startswith("reloaded "))
 
 
-def test_file_namespaces_picks_up_a_change(tmp_path, clock, caplog):
+def test_file_namespaces_picks_up_a_change(tmp_path, watcher, caplog):
     path = write(tmp_path / "ns.yaml", LIST)
-    source = FileNamespaces(path, clock=clock)
+    source = FileNamespaces(path, watcher=watcher)
     write(path, MULTI)
     with caplog.at_level(logging.INFO, logger="poolkeeper.namespaces"):
-        # within the check interval the file is not even stat'ed
+        # until the watcher notices, lookups answer from what was loaded
         assert source.labels("team-b") is None
-        clock.now += 1.0
+        watcher.check()
         assert source.labels("team-b") == {"agentpool": "pool2"}
         assert source.labels("bare") is None
-        clock.now += 1.0
+        watcher.check()
         assert source.labels("team-b") == {"agentpool": "pool2"}  # unchanged: not read again
     assert reloads(caplog) == 1
 
 
-def test_file_namespaces_picks_up_a_replaced_file(tmp_path, clock):
+def test_file_namespaces_picks_up_a_replaced_file(tmp_path, watcher):
     # how a mounted ConfigMap changes: a new file renamed over the old one (new inode)
     path = write(tmp_path / "ns.yaml", LIST)
-    source = FileNamespaces(path, clock=clock)
+    source = FileNamespaces(path, watcher=watcher)
     write(tmp_path / "new.yaml", SINGLE)
     os.replace(tmp_path / "new.yaml", path)
-    clock.now += 1.0
+    watcher.check()
     assert source.labels("solo") == {"agentpool": "1"}
     assert source.labels("team-a") is None
 
 
-def test_file_namespaces_broken_reload_keeps_old_data(tmp_path, clock, caplog):
+def test_file_namespaces_broken_reload_keeps_old_data(tmp_path, watcher, caplog):
     path = write(tmp_path / "ns.yaml", LIST)
-    source = FileNamespaces(path, clock=clock)
+    source = FileNamespaces(path, watcher=watcher)
     write(path, "items: [unclosed\n")
-    clock.now += 1.0
+    watcher.check()
     with caplog.at_level(logging.ERROR, logger="poolkeeper.namespaces"):
         assert source.labels("team-a")["agentpool"] == "pool1"
-        clock.now += 1.0
+        watcher.check()
         assert source.labels("team-a")["agentpool"] == "pool1"  # reported once, not every second
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1 and str(path) in errors[0].getMessage()
     assert source.ready()
     # a later good version is loaded
     write(path, MULTI)
-    clock.now += 1.0
+    watcher.check()
     assert source.labels("team-b") == {"agentpool": "pool2"}
 
 
-def test_file_namespaces_deleted_file_keeps_old_data(tmp_path, clock, caplog):
+def test_file_namespaces_deleted_file_keeps_old_data(tmp_path, watcher, caplog):
     path = write(tmp_path / "ns.yaml", LIST)
-    source = FileNamespaces(path, clock=clock)
+    source = FileNamespaces(path, watcher=watcher)
     path.unlink()
-    clock.now += 1.0
-    with caplog.at_level(logging.ERROR, logger="poolkeeper.namespaces"):
-        assert source.labels("team-a")["agentpool"] == "pool1"
-    assert any(str(path) in r.getMessage() for r in caplog.records)
+    watcher.check()
+    assert source.labels("team-a")["agentpool"] == "pool1"
+    assert any(str(path) in r.getMessage() for r in caplog.records if r.levelno == logging.ERROR)
     write(path, SINGLE)
-    clock.now += 1.0
+    watcher.check()
     assert source.labels("solo") == {"agentpool": "1"}
 
 

@@ -24,21 +24,25 @@ from .source import Labels, NamespaceLookupError, NamespacesFileError, Namespace
 if TYPE_CHECKING:
     import kubernetes.client
 
+    from app.watch import FileWatcher
+
 __all__ = ["Labels", "NamespaceLookupError", "NamespaceSource", "NamespacesFileError",
            "namespace_source"]
 
 
 def namespace_source(settings: Settings,
-                     api_client: kubernetes.client.ApiClient | None = None) -> NamespaceSource:
+                     api_client: kubernetes.client.ApiClient | None = None,
+                     watcher: FileWatcher | None = None) -> NamespaceSource:
     """The source the settings ask for: the namespaces file if given, else the API server.
 
     ``api_client`` is a client already built (e.g. shared with the event recorder), which its
     owner closes; without one, a client is built from ``settings.kubeconfig`` and the source
-    closes it on ``stop()``. Nothing is started.
+    closes it on ``stop()``. A namespaces file is watched by ``watcher`` (default: the
+    process's). Nothing is started.
     """
     if settings.namespaces_file:
         from .file import FileNamespaces
-        return FileNamespaces(settings.namespaces_file)
+        return FileNamespaces(settings.namespaces_file, watcher=watcher)
     from .informer import KubeNamespaces
     owns_client = api_client is None
     if api_client is None:

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
-import time
-from collections.abc import Callable
 from typing import Any
 
 import yaml
 
 from app import metrics
+from app.watch import FileWatcher, process_watcher, stat_signature
 
 from .source import Labels, NamespacesFileError
 
@@ -64,31 +62,27 @@ def _add_namespace(result: dict[str, Labels], obj: Any, where: str, *, kind_opti
 class FileNamespaces:
     """Namespaces read from a YAML file, reloaded when the file changes.
 
-    The file is checked (one ``stat``) at most every ``check_interval`` seconds, on lookup; a
-    change of mtime, size or inode (e.g. a ConfigMap's symlink swap) reloads it. A reload that
-    fails keeps the previous data and logs an error. A file that is invalid at start raises
-    :class:`NamespacesFileError` from the constructor.
+    The file watcher (default: this process's, :mod:`app.watch`) notices a change of mtime,
+    size or inode (e.g. a ConfigMap's symlink swap) off the request path; lookups only read a
+    dict. A reload that fails keeps the previous data and logs an error once per change. A file
+    that is invalid at start raises :class:`NamespacesFileError` from the constructor.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, check_interval: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, path: str | os.PathLike[str], *,
+                 watcher: FileWatcher | None = None) -> None:
         self.path = os.fspath(path)
-        self.check_interval = check_interval
-        self._clock = clock
-        self._check_lock = threading.Lock()
+        signature = stat_signature(self.path)
         try:
-            signature = self._signature()
             self._namespaces = self._read()
         except (OSError, ValueError, yaml.YAMLError) as e:
             raise NamespacesFileError(f"namespaces file {self.path}: {_describe(e)}") from e
-        self._loaded_signature: tuple[int, int, int, int] | None = signature
-        self._checked_at = clock()
         metrics.NAMESPACE_CACHE_SIZE.set(len(self._namespaces))
         log.info("loaded %d namespaces from %s", len(self._namespaces), self.path)
+        (watcher or process_watcher()).watch(f"namespaces file {self.path}",
+                                             lambda: stat_signature(self.path), self._reload,
+                                             initial=signature)
 
     def labels(self, name: str) -> Labels | None:
-        if self._clock() - self._checked_at >= self.check_interval:
-            self._maybe_reload()
         labels = self._namespaces.get(name)
         if labels is None:
             metrics.LOOKUP_MISS.inc()
@@ -100,47 +94,25 @@ class FileNamespaces:
         return True  # the constructor fails unless the first load succeeded
 
     def start(self) -> None:
-        """Nothing to start: the file is checked on lookup."""
+        """Nothing to start: the file watcher belongs to the process (app.factory starts it)."""
 
     def stop(self) -> None:
         """Nothing to stop."""
-
-    def _signature(self) -> tuple[int, int, int, int]:
-        st = os.stat(self.path)  # follows symlinks, so a ConfigMap update changes the inode
-        return st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev
 
     def _read(self) -> dict[str, Labels]:
         with open(self.path, encoding="utf-8") as f:
             return parse_namespaces(f.read())
 
-    def _maybe_reload(self) -> None:
-        if not self._check_lock.acquire(blocking=False):
-            return  # another thread is checking; answer from the current data
+    def _reload(self) -> None:
         try:
-            self._checked_at = self._clock()
-            try:
-                signature = self._signature()
-            except OSError as e:
-                if self._loaded_signature is not None:
-                    log.error("namespaces file %s: %s; keeping the %d namespaces loaded before",
-                              self.path, _describe(e), len(self._namespaces))
-                self._loaded_signature = None
-                return
-            if signature == self._loaded_signature:
-                return
-            self._loaded_signature = signature  # a broken file is reported once, not every second
-            try:
-                namespaces = self._read()
-            except (OSError, ValueError, yaml.YAMLError) as e:
-                log.error("namespaces file %s changed but cannot be loaded: %s; keeping the %d "
-                          "namespaces loaded before", self.path, _describe(e),
-                          len(self._namespaces))
-                return
-            self._namespaces = namespaces
-            metrics.NAMESPACE_CACHE_SIZE.set(len(namespaces))
-            log.info("reloaded %d namespaces from %s", len(namespaces), self.path)
-        finally:
-            self._check_lock.release()
+            namespaces = self._read()
+        except (OSError, ValueError, yaml.YAMLError) as e:
+            log.error("namespaces file %s changed but cannot be loaded: %s; keeping the %d "
+                      "namespaces loaded before", self.path, _describe(e), len(self._namespaces))
+            return
+        self._namespaces = namespaces
+        metrics.NAMESPACE_CACHE_SIZE.set(len(namespaces))
+        log.info("reloaded %d namespaces from %s", len(namespaces), self.path)
 
 
 def _describe(e: BaseException) -> str:
