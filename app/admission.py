@@ -55,10 +55,26 @@ class Decision:
         """Names of the rules that acted, each once, in order."""
         return tuple(dict.fromkeys(a.rule for a in self.actions))
 
+    def rules_that(self, effect: str) -> tuple[str, ...]:
+        """The rules that ``effect`` (mutated, denied, warned), each once, in order: the one
+        answer the log line, the audit annotations and the metrics all give."""
+        return tuple(dict.fromkeys(a.rule for a in self.actions if a.effect == effect))
 
-def warning(rule: str, text: str) -> str:
+
+# With a rule's docsURL appended a warning may be longer, up to what the API server keeps whole.
+MAX_WARNING_WITH_URL = 256
+
+
+def warning(rule: str, text: str, docs_url: str | None = None) -> str:
     message = f"[{rule}] {text}"
-    return message if len(message) < MAX_WARNING else message[:MAX_WARNING - 4] + "..."
+    message = message if len(message) < MAX_WARNING else message[:MAX_WARNING - 4] + "..."
+    if docs_url and len(message) + len(docs_url) + 6 <= MAX_WARNING_WITH_URL:
+        message += f"{'' if message.endswith('.') else '.'} See {docs_url}"
+    return message
+
+
+def _denial(rule: Rule, text: str) -> str:
+    return f"[{rule.name}] {text}" + (f". See {rule.docs_url}" if rule.docs_url else "")
 
 
 def admit(request: AdmissionRequest, namespace_labels: NamespaceLookup,
@@ -82,7 +98,7 @@ def admit(request: AdmissionRequest, namespace_labels: NamespaceLookup,
                 text = _template_warning(rule, RuleContext(template, namespace_labels,
                                                            ctx.looked_up), request.gvk.kind)
                 if text:
-                    warnings.append(warning(rule.name, text))
+                    warnings.append(warning(rule.name, text, rule.docs_url))
                     actions.append(Action(rule.name, "warned", text))
             continue
         if not rule.match.matches(ctx):
@@ -92,7 +108,7 @@ def admit(request: AdmissionRequest, namespace_labels: NamespaceLookup,
             would = [f"would {e}" for e in result.effects]
             would += [f"would deny: {d}" for d in result.denials]
             for text in (*would, *result.warnings):
-                warnings.append(warning(rule.name, text))
+                warnings.append(warning(rule.name, text, rule.docs_url))
                 actions.append(Action(rule.name, "warned", text))
             continue
         result = rule.policy.evaluate(ctx, editor)
@@ -100,10 +116,10 @@ def admit(request: AdmissionRequest, namespace_labels: NamespaceLookup,
         for effect in result.effects:
             actions.append(Action(rule.name, "mutated", effect))
         for text in result.denials:
-            denials.append(f"[{rule.name}] {text}")
+            denials.append(_denial(rule, text))
             actions.append(Action(rule.name, "denied", text))
         for text in result.warnings:
-            warnings.append(warning(rule.name, text))
+            warnings.append(warning(rule.name, text, rule.docs_url))
             actions.append(Action(rule.name, "warned", text))
     if denials:
         return Decision(denied(DENIAL_CODE, "; ".join(denials), warnings), tuple(actions),
@@ -111,7 +127,10 @@ def admit(request: AdmissionRequest, namespace_labels: NamespaceLookup,
     if editor.ops:
         # auditAnnotations keys get the webhook's name as prefix from the API server, which
         # drops keys that would then hold two slashes: keep them plain.
-        audit["rules"] = ",".join(dict.fromkeys(a.rule for a in actions if a.effect == "mutated"))
+        acted = Decision(allowed(), tuple(actions))
+        audit["rules"] = ",".join(acted.rules_that("mutated"))
+        if acted.rules_that("warned"):
+            audit["warned"] = ",".join(acted.rules_that("warned"))
         return Decision(patched(editor.ops, warnings, audit), tuple(actions), ctx.looked_up)
     return Decision(allowed(warnings), tuple(actions), ctx.looked_up)
 

@@ -97,6 +97,15 @@ def _settings_from(args: argparse.Namespace) -> Settings:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        return _run(args)
+    except BrokenPipeError:  # `poolkeeper test | head`: the reader left; not an error of ours
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush is quiet too
+        return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
         if args.command == "serve":
             return serve(args)
         if args.command == "mutate":

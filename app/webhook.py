@@ -99,8 +99,13 @@ def mutate(webhook: str | None) -> Response:
                "patched" if response.patch else "allowed")
     if decision.actions:
         services.acted(review_request, decision)
-    _observe(review_request, outcome, time.perf_counter() - started,
-             {"rules": list(decision.rules), "patchOps": len(response.patch)})
+    # the same rules as auditAnnotations and poolkeeper_rule_actions_total give, by effect
+    fields: dict[str, object] = {"rules": list(decision.rules_that("mutated"))}
+    for effect in ("warned", "denied"):
+        if acted := decision.rules_that(effect):
+            fields[effect] = list(acted)
+    fields["patchOps"] = len(response.patch)
+    _observe(review_request, outcome, time.perf_counter() - started, fields)
     return Response(encode_review(review_request.uid, response), 200, mimetype=JSON)
 
 

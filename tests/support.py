@@ -80,12 +80,17 @@ def pod(selector: dict | None = None, *, namespace: str = "team-a", name: str = 
             "metadata": {"name": name, "namespace": namespace}, "spec": spec}
 
 
-def shipped_rules(*names: str):
-    """The shipped rules (only ``names`` when given), as the server loads them."""
+def shipped_rules(*names: str, docs: bool = False):
+    """The shipped rules (only ``names`` when given), as the server loads them; without their
+    docsURL unless ``docs`` (so messages compare without the "See <url>" suffix, which
+    tests/test_defaults.py checks on its own)."""
+    import dataclasses
+
     from app.rules import SHIPPED_RULES, load_rules
 
     rules = load_rules(SHIPPED_RULES)
-    return tuple(r for r in rules if not names or r.name in names)
+    return tuple(r if docs else dataclasses.replace(r, docs_url=None)
+                 for r in rules if not names or r.name in names)
 
 
 def pool_rules(**params):

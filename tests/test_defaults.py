@@ -14,7 +14,7 @@ from app.review import parse_review
 from app.rules import ImagePullPolicy, NamespaceLabels, RemoveResourceLimits
 from app.rules.limits import parse_quantity
 
-from .support import make_request, pod, qos_class, review_doc, shipped_rules
+from .support import ROOT, make_request, pod, qos_class, review_doc, shipped_rules
 
 RULES = shipped_rules()
 NAMESPACES = {"team-a": {"agentpool": "pool1"}}
@@ -280,3 +280,57 @@ def test_defaults_removing_other_limits_keeps_guaranteed_without_warning():
     response = decide(obj, rules).response
     assert response.patch and response.warnings == ()
     assert qos_class(apply(obj, response)) == "Guaranteed"
+
+
+def test_engine_appends_each_rules_docs_url_to_its_denials_and_warnings():
+    rules = shipped_rules(docs=True)
+    denied = decide(pod({"agentpool": "pool2"}, namespace="team-a"), rules).response
+    pool_url = next(r.docs_url for r in rules if r.name == "agentpool-node-selector")
+    assert pool_url and denied.message.endswith(f". See {pool_url}")
+    obj = pod(namespace="team-a")
+    obj["spec"]["containers"][0]["resources"] = resources(limits={"cpu": "1", "memory": "1Gi"})
+    (warning,) = decide(obj, rules).response.warnings
+    limits_url = next(r.docs_url for r in rules if r.name == "remove-cpu-limits")
+    assert warning.endswith(f"limits removed. See {limits_url}") and len(warning) <= 256
+    long_url = "https://docs.example.com/" + "x" * 170
+    (rule,) = [dataclasses.replace(r, docs_url=long_url) for r in rules
+               if r.name == "remove-cpu-limits"]
+    (truncated,) = decide(obj, (rule,)).response.warnings
+    assert "See" not in truncated  # the link would not fit what the API server keeps
+
+
+def test_shipped_rules_docs_urls_point_at_their_readme_sections():
+    readme = (ROOT / "README.md").read_text()
+    for rule in shipped_rules(docs=True):
+        anchor = rule.docs_url.rpartition("#")[2]
+        assert anchor == f"rule-{rule.name}" and f'<a id="{anchor}"></a>' in readme
+
+
+def test_remove_cpu_limits_warns_about_references_to_the_removed_limit():
+    obj = pod(namespace="team-a")
+    app = obj["spec"]["containers"][0]
+    app["resources"] = resources(limits={"cpu": "2"})
+    app["env"] = [{"name": "GOMAXPROCS", "valueFrom": {"resourceFieldRef": {
+                      "resource": "limits.cpu", "divisor": "1"}}},
+                  {"name": "MEM", "valueFrom": {"resourceFieldRef": {"resource": "limits.memory"}}},
+                  {"name": "PLAIN", "value": "x"}, "not-an-env"]
+    obj["spec"]["containers"].append({"name": "side", "image": "i", "env": [
+        {"name": "APP_CPU", "valueFrom": {"resourceFieldRef": {"containerName": "c",
+                                                               "resource": "limits.cpu"}}}]})
+    obj["spec"]["volumes"] = [
+        {"name": "info", "downwardAPI": {"items": [
+            {"path": "cpu", "resourceFieldRef": {"containerName": "c", "resource": "limits.cpu"}},
+            {"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]}},
+        {"name": "proj", "projected": {"sources": [{"downwardAPI": {"items": [
+            {"path": "cpu2", "resourceFieldRef": {"containerName": "c",
+                                                  "resource": "limits.cpu"}}]}}]}},
+        "not-a-volume", {"name": "empty", "emptyDir": {}}]
+    warnings = decide(obj, shipped_rules("remove-cpu-limits")).response.warnings
+    assert warnings == (
+        '[remove-cpu-limits] container "c" env "GOMAXPROCS" reads removed limits.cpu: it gets '
+        "the node's allocatable cpu",
+        '[remove-cpu-limits] container "side" env "APP_CPU" reads removed limits.cpu of "c": it '
+        "gets the node's allocatable cpu",
+        '[remove-cpu-limits] volume "info" "cpu" reads removed limits.cpu of "c": it gets the '
+        "node's allocatable cpu",
+        "[remove-cpu-limits] and 1 more references to removed limits")

@@ -177,3 +177,35 @@ def test_webhook_metrics_and_health(client):
     assert client.get("/readyz").status_code == 200
     scrape = client.get("/metrics")
     assert scrape.status_code == 200 and b"poolkeeper_build_info" in scrape.data
+
+
+def test_webhook_log_line_annotations_and_metrics_agree_on_what_each_rule_did(tmp_path, caplog):
+    import logging
+    import shutil
+
+    from prometheus_client import REGISTRY
+
+    rules = tmp_path / "rules"
+    shutil.copytree(SHIPPED_RULES, rules)
+    path = rules / "remove-cpu-limits.yaml"
+    path.write_text(path.read_text().replace("enforcement: enforce", "enforcement: warn"))
+    watcher = FileWatcher()
+    client = create_app(Settings(cert_dir=str(tmp_path)),
+                        source=FileNamespaces(TESTDATA / "namespaces.yaml", watcher=watcher),
+                        rules=RuleStore(rules, watcher=watcher), watcher=watcher).test_client()
+    doc = review_doc(pod(namespace="team-payments"), uid="agree-1")
+    doc["request"]["object"]["spec"]["containers"][0]["resources"] = {"limits": {"cpu": "1"}}
+
+    def count(effect: str) -> float:
+        return REGISTRY.get_sample_value("poolkeeper_rule_actions_total", {
+            "rule": "remove-cpu-limits", "namespace": "team-payments", "effect": effect}) or 0.0
+
+    before = {effect: count(effect) for effect in ("mutated", "warned")}
+    with caplog.at_level(logging.INFO, "poolkeeper.admission"):
+        answer = post(client, doc).get_json()["response"]
+    (entry,) = [r.fields for r in caplog.records if r.name == "poolkeeper.admission"]
+    assert answer["auditAnnotations"] == {"pool": "pool1", "rules": "agentpool-node-selector",
+                                          "warned": "remove-cpu-limits"}
+    assert entry["decision"] == "patched"
+    assert entry["rules"] == ["agentpool-node-selector"] and entry["warned"] == ["remove-cpu-limits"]
+    assert count("warned") - before["warned"] == 1 and count("mutated") == before["mutated"]

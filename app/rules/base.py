@@ -179,3 +179,4 @@ class Rule:
     webhook: str = "defaults"  # the path /mutate/<webhook> that runs it
     # a pod rule on a pod controller: warn what its pods will get (Policy.ON_TEMPLATES "warn")
     template_warnings: bool = True
+    docs_url: str | None = None  # appended to its denials and warnings: "See <url>"

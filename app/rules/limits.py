@@ -7,7 +7,7 @@ import re
 from collections.abc import Sequence
 from decimal import Decimal, InvalidOperation
 
-from ..patching import ObjectEditor, ObjectShapeError, expect_map, lookup
+from ..patching import ObjectEditor, ObjectShapeError, Path, expect_list, expect_map, lookup
 from ..text import quote
 from .base import NOTHING, Param, RuleContext, RuleResult, pod_containers
 from .params import label_key, name_list
@@ -68,16 +68,70 @@ class RemoveResourceLimits:
                     editor.remove((*limits_path, resource))
         effects = (f"remove {'/'.join(self.resources)} limits from "
                    f"{_plural(len(removals), 'container')}",)
+        warnings = []
         # Guaranteed needs cpu and memory limits on every container: removing either ends it.
         if was_guaranteed and any(r in ("cpu", "memory") for _, present, _ in removals
                                   for r in present):
-            return RuleResult(effects=effects, warnings=(
-                f"QoS class changes from Guaranteed to Burstable: {'/'.join(self.resources)} "
-                "limits removed",))
-        return RuleResult(effects=effects)
+            warnings.append(f"QoS class changes from Guaranteed to Burstable: "
+                            f"{'/'.join(self.resources)} limits removed")
+        removed = {_container_name(containers, path): set(present)
+                   for (*path, _, _), present, _ in removals}
+        warnings += _references_to_removed(obj, containers, removed)
+        return RuleResult(effects=effects, warnings=tuple(warnings))
 
 
 _LIMITS = ("resources", "limits")
+# Warnings about references to a removed limit: the first few, then a count.
+_MAX_REFERENCE_WARNINGS = 3
+
+
+def _container_name(containers: list[tuple[Path, dict]], path: Sequence[str | int]) -> str:
+    for container_path, container in containers:
+        if tuple(container_path) == tuple(path):
+            name = container.get("name")
+            return name if isinstance(name, str) else ""
+    return ""  # pragma: no cover - path comes from containers
+
+
+def _references_to_removed(pod: dict, containers: list[tuple[Path, dict]],
+                           removed: dict[str, set[str]]) -> list[str]:
+    """Warnings for downward API references (env valueFrom, downwardAPI and projected volumes)
+    to a limit this rule removes: they then read the node's allocatable amount instead."""
+    found: list[str] = []
+
+    def check(ref: object, default_container: str, where: str) -> None:
+        if not isinstance(ref, dict):
+            return
+        resource, target = ref.get("resource"), ref.get("containerName") or default_container
+        if not isinstance(resource, str) or not isinstance(target, str):
+            return
+        if resource.startswith("limits.") and resource[7:] in removed.get(target, ()):
+            of = "" if target == default_container else f" of {quote(target)}"
+            found.append(f"{where} reads removed {resource}{of}: it gets the node's "
+                         f"allocatable {resource[7:]}")
+
+    for _, container in containers:
+        name = container.get("name") if isinstance(container.get("name"), str) else ""
+        for env in expect_list(container, ("env",)):
+            if isinstance(env, dict):
+                check(lookup(env, ("valueFrom", "resourceFieldRef")), name,
+                      f"container {quote(name)} env {quote(env.get('name'))}")
+    for volume in expect_list(pod, ("spec", "volumes")):
+        if not isinstance(volume, dict):
+            continue
+        sources = [volume.get("downwardAPI")] + [
+            source.get("downwardAPI") for source in expect_list(volume, ("projected", "sources"))
+            if isinstance(source, dict)]
+        for source in sources:
+            for item in expect_list(source, ("items",)) if isinstance(source, dict) else ():
+                if isinstance(item, dict):
+                    check(item.get("resourceFieldRef"), "",
+                          f"volume {quote(volume.get('name'))} {quote(item.get('path'))}")
+    if len(found) > _MAX_REFERENCE_WARNINGS:
+        extra = len(found) - _MAX_REFERENCE_WARNINGS
+        found = found[:_MAX_REFERENCE_WARNINGS] + [f"and {extra} more references to removed "
+                                                   "limits"]
+    return found
 
 
 _QUANTITY = re.compile(r"^([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))"

@@ -9,6 +9,7 @@ A rule file::
                                      # (default: the kind's, DEFAULT_WEBHOOK)
     enforcement: enforce             # enforce | warn | off
     templateWarnings: true           # pod rules on pod controllers: warn what the pods will get
+    docsURL: https://...             # appended to its denials and warnings ("See https://...")
     match:
       kinds: [Pod]                   # default: every kind the rule kind handles
       operations: [CREATE]           # default: every operation the rule kind handles
@@ -37,7 +38,7 @@ from ..kinds import OBJECT_KINDS
 from .base import LabelSelector, Match, Policy, Requirement, Rule
 from .limits import RemoveResourceLimits
 from .namespace_labels import NamespaceLabels
-from .params import label_key, label_value
+from .params import https_url, label_key, label_value
 from .pool import PoolPlacement
 from .pull_policy import ImagePullPolicy
 
@@ -54,8 +55,8 @@ DEFAULT_WEBHOOK = {"PoolPlacement": "placement", "NamespaceLabels": "namespaces"
 # Namespaces rules leave alone unless a rule file says otherwise: the control plane's own and
 # poolkeeper's, so the webhook can always restart.
 DEFAULT_EXCLUDED_NAMESPACES = ("kube-system", "kube-public", "kube-node-lease", "poolkeeper-system")
-_FIELDS = ("name", "description", "kind", "webhook", "enforcement", "templateWarnings", "match",
-           "params")
+_FIELDS = ("name", "description", "kind", "webhook", "enforcement", "templateWarnings", "docsURL",
+           "match", "params")
 _MATCH_FIELDS = ("kinds", "operations", "namespaceSelector", "objectSelector",
                  "excludedNamespaces")
 _RULE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -147,6 +148,11 @@ def _parse_rule(doc: Mapping[str, Any], stem: str, problems: _Problems) -> Rule 
     if kind is None:
         problems.add("kind", f"{kind_name!r} is not one of {', '.join(RULE_KINDS)}")
         return None
+    docs_url = doc.get("docsURL")
+    if docs_url is not None:
+        problem = https_url(docs_url)
+        if problem:
+            problems.add("docsURL", problem)
     template_warnings = doc.get("templateWarnings", True)
     if not isinstance(template_warnings, bool):
         problems.add("templateWarnings", "must be true or false")
@@ -160,7 +166,7 @@ def _parse_rule(doc: Mapping[str, Any], stem: str, problems: _Problems) -> Rule 
     assert isinstance(name, str)  # checked above, else problems.items is not empty
     return Rule(name=name, description=description, kind_name=kind.KIND_NAME, match=match,
                 policy=policy, enforcement=enforcement, webhook=webhook,
-                template_warnings=template_warnings)
+                template_warnings=template_warnings, docs_url=docs_url)
 
 
 def _build_policy(kind: type[Policy], params: Any, problems: _Problems) -> Policy | None:

@@ -88,3 +88,15 @@ def name_list(pattern: str, what: str) -> Check:
             return None
         return f"must be a non-empty list of {what}"
     return check
+
+
+# An https URL without spaces: what a docsURL appended to messages may be (RFC 3986 reserved and
+# unreserved characters only, so it prints as one clickable word).
+_URL = re.compile(r"^https://[A-Za-z0-9.-]+(:[0-9]+)?(/[A-Za-z0-9._~!$&'()*+,;=:@%/?#-]*)?$")
+MAX_URL = 200
+
+
+def https_url(value: Any) -> str | None:
+    if isinstance(value, str) and len(value) <= MAX_URL and _URL.match(value):
+        return None
+    return f"{value!r} is not an https URL (https://host/path, at most {MAX_URL} characters)"
