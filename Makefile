@@ -4,6 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 CERTS ?= .certs
+PORT ?= 8443
 PYTEST_ARGS ?=
 
 .PHONY: help run test lint venv certs clean bench kind-start kind-deploy integration logs kind-delete docker-e2e lock \
@@ -16,16 +17,18 @@ venv: $(STAMP) ## create .venv and install poolkeeper with its test tools
 
 $(STAMP): setup.cfg pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit("poolkeeper needs Python >= 3.11, $(PYTHON) is " + sys.version.split()[0]) if sys.version_info < (3, 11) else None'
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	@test -x $(BIN)/python || { echo "make: creating $(VENV) (first run only)"; $(PYTHON) -m venv $(VENV); }
+	@echo "make: installing poolkeeper and its test tools into $(VENV) (a minute or two the first time)"
+	$(BIN)/python -m pip install --disable-pip-version-check -e '.[test]'
 	touch $@
 
 certs: $(STAMP) ## create a CA and a serving certificate in .certs/
 	$(BIN)/poolkeeper certs --out $(CERTS) --service poolkeeper --namespace poolkeeper-system
 
-# Serves https://127.0.0.1:8443 with the embedded namespace file: no cluster needed.
-run: certs ## serve https://127.0.0.1:8443 with testdata/namespaces.yaml (no cluster)
-	$(BIN)/poolkeeper serve --host 127.0.0.1 --port 8443 --cert-dir $(CERTS) \
+# Serves https://127.0.0.1:$(PORT) with the embedded namespace file: no cluster needed.
+run: certs ## serve https://127.0.0.1:8443 (PORT=N for another) with testdata/namespaces.yaml, no cluster
+	@echo "make: serving https://127.0.0.1:$(PORT) (Ctrl-C stops it)"
+	$(BIN)/poolkeeper serve --host 127.0.0.1 --port $(PORT) --cert-dir $(CERTS) \
 		--namespaces testdata/namespaces.yaml
 
 # ruff (rules in pyproject.toml), mypy on app/ and the import contracts (both in setup.cfg).

@@ -127,6 +127,7 @@ def serve(args: argparse.Namespace) -> int:
     if missing:
         raise ConfigError(f"{', '.join(missing)} not found: create them with "
                           f"'poolkeeper certs --out {settings.cert_dir}'")
+    _check_port_free(settings.host, settings.port)
     # Workers build their app from the environment, as in the container image.
     for name, value in vars(args).items():
         if name not in _NOT_SETTINGS and value is not None:
@@ -135,6 +136,21 @@ def serve(args: argparse.Namespace) -> int:
 
     run()
     return 0
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """A clear message instead of gunicorn's retries and traceback when the port is taken."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn binds
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; stop what "
+                              "uses it or pick another port (poolkeeper serve --port N, make run "
+                              "PORT=N)") from None
 
 
 def mutate(args: argparse.Namespace) -> int:

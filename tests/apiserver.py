@@ -187,8 +187,11 @@ def apiserver_fixture(name: str = "apiserver", scope: str = "session"):
     @pytest.fixture(scope=scope, name=name)
     def fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MiniApiServer]:
         if not (TOOL / "bin/miniapiserver").exists():
-            skip_or_fail(f"miniapiserver not found at {TOOL} (build it with its build.sh, "
-                         "or point MINIAPISERVER_TOOL at it)")
+            skip_or_fail(f"this test needs a real Kubernetes API server and found none at {TOOL}: "
+                         "the project's CI provides one beside the checkout; to run these tests "
+                         "yourself, set MINIAPISERVER_TOOL to a folder holding bin/miniapiserver "
+                         "and start.sh/stop.sh (see CONTRIBUTING.md); everything else runs "
+                         "without it")
         server = MiniApiServer.start(TOOL, tmp_path_factory.mktemp("miniapiserver"))
         try:
             yield server

@@ -94,7 +94,8 @@ def status_message(exc: ApiException) -> str:
 def run_kubectl(apiserver: MiniApiServer, *args: str) -> subprocess.CompletedProcess:
     binary = kubectl()
     if binary is None:
-        skip_or_fail("kubectl not found: this test runs it against the API server")
+        skip_or_fail("kubectl not found: this test runs it against the API server; install it "
+                     "(e.g. apt-get install kubectl) to run it")
     return subprocess.run([binary, "--kubeconfig", apiserver.kubeconfig, *args],
                           capture_output=True, text=True, timeout=60)
 
@@ -678,7 +679,8 @@ def selects(actual: str | None, op: str, value: str) -> bool:
 def run_uninstall(apiserver: MiniApiServer) -> subprocess.CompletedProcess:
     binary = kubectl()
     if binary is None:
-        skip_or_fail("kubectl not found: integration/uninstall.sh runs it")
+        skip_or_fail("kubectl not found: integration/uninstall.sh runs it; install it "
+                     "(e.g. apt-get install kubectl) to run it")
     env = {**os.environ, "KUBECONFIG": apiserver.kubeconfig, "KUBECTL": binary,
            "SETTLE_SECONDS": "0", "WAIT_SECONDS": str(int(DEADLINE))}
     return subprocess.run(["bash", str(ROOT / "integration/uninstall.sh")], env=env, cwd=ROOT,

@@ -285,3 +285,20 @@ def test_cli_mutate_without_a_cluster_suggests_a_namespaces_file(tmp_path, capsy
     assert main(["mutate", str(TESTDATA / "pods/plain-pod.yaml")]) == 2
     err = capsys.readouterr().err
     assert "no Kubernetes API access" in err and "--namespaces FILE" in err
+
+
+def test_cli_serve_on_a_taken_port_says_so_and_how_to_pick_another(tmp_path, capsys):
+    import socket
+
+    from app.certs import create_certificates
+
+    create_certificates(tmp_path, "poolkeeper", "poolkeeper-system")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main(["serve", "--host", "127.0.0.1", "--port", str(port), "--cert-dir",
+                     str(tmp_path), "--namespaces", NAMESPACES])
+    err = capsys.readouterr().err
+    assert code == 2 and f"cannot listen on 127.0.0.1:{port}" in err
+    assert "make run PORT=N" in err and "Traceback" not in err

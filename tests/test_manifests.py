@@ -58,7 +58,8 @@ def kubernetes_validate_present() -> None:
 @pytest.fixture
 def kubectl_present() -> None:
     if kubectl() is None:
-        skip_or_fail("kubectl not found: `kubectl kustomize` renders deploy/")
+        skip_or_fail("kubectl not found: `kubectl kustomize` renders deploy/; install kubectl "
+                     "(e.g. apt-get install kubectl) to check the manifests")
 
 
 def validate(obj: dict, version: str = KUBERNETES_VERSION) -> None:

@@ -85,3 +85,12 @@ def test_readme_console_example_prints_what_it_shows(command, expected):
     if tail:
         assert printed[-len(tail):] == tail
     assert result.returncode == (status if status is not None else 0)
+
+
+def test_readme_contents_list_every_section():
+    headings = re.findall(r"^## (.+)$", README, re.M)
+    listed = re.findall(r"^- \[(.+?)\]\(#([^)]+)\)$",
+                        README.split("## Contents", 1)[1].split("\n## ", 1)[0], re.M)
+    assert [title for title, _ in listed] == [h for h in headings if h != "Contents"]
+    for title, anchor in listed:  # GitHub's anchors: lowercase, punctuation dropped, '-' for ' '
+        assert anchor == re.sub(r"[^a-z0-9 _-]", "", title.lower()).replace(" ", "-")
