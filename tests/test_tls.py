@@ -111,7 +111,16 @@ def test_reloading_context_is_a_modern_server_context(pair):
     ctx = ReloadingTLSContext(*cert_paths(pair), FileWatcher()).context()
     assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
     assert ctx.options & ssl.OP_NO_COMPRESSION
+    assert ctx.options & ssl.OP_NO_RENEGOTIATION
     assert ctx.verify_mode == ssl.CERT_NONE  # the API server sends no client certificate
+
+
+def test_reloading_context_offers_only_ecdhe_aead_suites_on_tls_1_2(pair):
+    suites = ReloadingTLSContext(*cert_paths(pair), FileWatcher()).context().get_ciphers()
+    tls12 = [s for s in suites if s["protocol"] == "TLSv1.2"]
+    assert tls12 and all(s["kea"] == "kx-ecdhe" and s["aead"] for s in tls12), tls12
+    assert {s["name"] for s in suites if s["protocol"] == "TLSv1.3"} >= {
+        "TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384"}
 
 
 def test_reloading_context_serves_the_rotated_pair(pair):

@@ -14,6 +14,9 @@ logged once at ERROR on ``poolkeeper.tls`` and the previous context keeps servin
 are retried as soon as they change again. :mod:`app.certs` writes tls.key before tls.crt, so a
 load that sees the new certificate also sees its key.
 
+TLS 1.2 offers only ECDHE key exchange with AEAD ciphers (AES-GCM, ChaCha20-Poly1305), the suites
+the API server's Go client prefers; TLS 1.3's suites are all AEAD and left as OpenSSL has them.
+
 Only cert_file/key_file are used: gunicorn's ``ca_certs``, ``cert_reqs`` (client
 certificates), ``ciphers`` and HTTP/2 ALPN settings are not applied (a warning says so when
 they are set). The API server does not present a client certificate unless configured to.
@@ -31,19 +34,30 @@ from ..watch import FileWatcher, paths_signature, process_watcher
 
 log = logging.getLogger("poolkeeper.tls")
 
+# TLS 1.2 suites (OpenSSL names): forward secrecy (ECDHE) and AEAD only. Python's default list
+# also has CBC suites with SHA-2 MACs (ECDHE-ECDSA-AES256-SHA384, ...) and DHE; set_ciphers()
+# does not touch the TLS 1.3 suites.
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL"
+
 
 class TLSContextError(Exception):
     """The certificate pair could not be loaded and there is no previous context to fall back on."""
 
 
 def build_server_context(cert_file: str, key_file: str) -> ssl.SSLContext:
-    """A server context for the pair: TLS 1.2 minimum, no compression, Python's default ciphers."""
-    # PROTOCOL_TLS_SERVER already carries Python's secure defaults (forward-secret AEAD ciphers,
-    # OP_NO_COMPRESSION, server cipher preference); the minimum is set explicitly so it does not
-    # depend on the system's OpenSSL configuration. No trust store: clients are not verified.
+    """A server context for the pair: TLS 1.2 minimum, ECDHE + AEAD suites on 1.2 (1.3 as
+    OpenSSL has them), no compression, no renegotiation."""
+    # PROTOCOL_TLS_SERVER carries Python's defaults (OP_NO_COMPRESSION, server cipher
+    # preference); the minimum is set explicitly so it does not depend on the system's OpenSSL
+    # configuration, and the 1.2 suites because the default list has CBC ones. No trust store:
+    # clients are not verified.
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= ssl.OP_NO_COMPRESSION
+    # A TLS 1.2 client may ask for a new handshake mid-connection: costly for the server and
+    # never done by the API server.
+    context.options |= ssl.OP_NO_RENEGOTIATION
+    context.set_ciphers(TLS12_CIPHERS)
     context.load_cert_chain(certfile=cert_file, keyfile=key_file)
     return context
 
