@@ -5,7 +5,6 @@ first request) starts the threads in the process that serves."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -34,9 +33,6 @@ class Services:
     events: EventRecorder | None
     cert_file: str
     watcher: FileWatcher
-    # called with the WSGI environ after a 413, so the server can drop the rest of the body or
-    # close the connection (app.server.worker.discard_or_close); None outside gunicorn
-    on_too_large: Callable[[dict[str, Any]], None] | None = None
     api_client: Any = None  # the kubernetes client the factory built (shared by source, events)
     started: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -85,8 +81,7 @@ class Services:
 
 def create_app(settings: Settings | None = None, *, source: NamespaceSource | None = None,
                rules: RuleStore | None = None, events: EventRecorder | None = None,
-               watcher: FileWatcher | None = None,
-               on_too_large: Callable[[dict[str, Any]], None] | None = None) -> Flask:
+               watcher: FileWatcher | None = None) -> Flask:
     """The app; with no arguments, settings come from the ``POOLKEEPER_*`` environment.
 
     Without an explicit ``source``, namespaces come from the settings' file or, when there is
@@ -107,4 +102,4 @@ def create_app(settings: Settings | None = None, *, source: NamespaceSource | No
                 events = EventRecorder(api_poster(api_client))
         source = namespace_source(settings, api_client, watcher)
     return flask_app(Services(settings, source, rules, events, cert_paths(settings.cert_dir)[0],
-                              watcher, on_too_large, api_client))
+                              watcher, api_client=api_client))

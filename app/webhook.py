@@ -10,7 +10,8 @@ situation                                                   HTTP    response
 rules allow, maybe with a patch or warnings                 200     ``allowed: true``
 a rule refuses                                              200     ``allowed: false``, code 403
 content type is not JSON                                    415     status 415, what to send
-body over 7 MiB (the connection is closed after it)         413     status 413
+body over 7 MiB (the server refuses it before the app; the   413     status 413
+connection is closed after it)
 body not JSON, not an AdmissionReview v1, no request.uid,   400     status 400, what is wrong
 no request.object on CREATE/UPDATE, a malformed field
 no such path under /mutate/                                 404     status 404, the paths
@@ -19,6 +20,10 @@ past the staleness limit), or a bug                                 failurePolic
 ==========================================================  ======  ============================
 
 A 500 is deliberate: controller-runtime answers 200+deny there, which bypasses failurePolicy.
+
+Requests gunicorn's parser refuses never reach the app: :mod:`app.server.worker` answers them
+with the same AdmissionReview errors (400; 413 for a head or body too large) and closes the
+connection.
 """
 
 from __future__ import annotations
@@ -119,10 +124,10 @@ def _judge(services: Services, webhook: str | None) -> tuple[AdmissionRequest,
                                 f"supported: send the AdmissionReview as {JSON}")
     length = request.content_length
     if length is not None and length > MAX_BODY_BYTES:
-        raise _too_large(services, length)
+        raise _too_large(length)
     body = request.stream.read(MAX_BODY_BYTES + 1)
     if len(body) > MAX_BODY_BYTES:
-        raise _too_large(services, None)
+        raise _too_large(None)
     try:
         review_request = parse_review(orjson.loads(body))
     except orjson.JSONDecodeError as exc:
@@ -150,9 +155,9 @@ _TOO_DEEP = ("request.object is malformed: it nests lists or objects deeper than
              "object does")
 
 
-def _too_large(services: Services, length: int | None) -> RequestError:
-    if services.on_too_large is not None:
-        services.on_too_large(request.environ)
+def _too_large(length: int | None) -> RequestError:
+    # Under gunicorn, app.server.worker refuses such a body before the app sees it (and closes
+    # the connection); this keeps the limit under any other server.
     size = f"{length} bytes" if length is not None else "more than that"
     return RequestError(413, f"the body is {size}; poolkeeper accepts at most {MAX_BODY_BYTES} "
                              "bytes (two objects at the API server's 3 MiB limit plus the "

@@ -8,7 +8,27 @@ import pytest
 
 from .support import TESTDATA
 
+# Lines recorded through the ``figures`` fixture, repeated at the end of the run.
+FIGURES: list[str] = []
+
 
 @pytest.fixture
 def deployment_pod_review() -> dict:
     return json.loads((TESTDATA / "reviews/pod-create-deployment.json").read_text())
+
+
+@pytest.fixture
+def figures():
+    """``figures(line)`` prints a test's figures (seen with ``pytest -s``) and repeats them in
+    the "figures" section of the run's summary, so they are visible in any run."""
+    def record(line: str) -> None:
+        print(line)
+        FIGURES.append(line)
+    return record
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if FIGURES:
+        terminalreporter.section("figures")
+        for line in FIGURES:
+            terminalreporter.write_line(line)

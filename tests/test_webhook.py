@@ -1,7 +1,8 @@
 """The HTTP layer without a server: create_app(...).test_client() over the whole error table.
 
-Real gunicorn over TLS (tests/test_server.py) keeps what needs a server: TLS, framing, slow
-clients, workers. These build the app from explicit settings and a file source in milliseconds.
+Real gunicorn over TLS (tests/test_server.py, tests/test_transport.py) keeps what needs a
+server: TLS, framing, slow clients, workers. These build the app from explicit settings and a
+file source in milliseconds.
 """
 
 from __future__ import annotations

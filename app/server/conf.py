@@ -17,7 +17,6 @@ from app.logs import configure_logging
 from app.rules import SHIPPED_RULES, load_rules
 from app.server.logger import JSONGunicornLogger
 from app.server.tls import SSLContextHook
-from app.server.worker import remember_request
 
 # Metrics from every worker are summed through files in one directory (prometheus_client's
 # multiprocess mode). The variable must be set before prometheus_client is first imported (none
@@ -50,12 +49,16 @@ bind = [f"[{_settings.host}]:{_settings.port}" if ":" in _settings.host
 
 # gthread keeps connections alive: the API server reuses them, and a worker that closed each one
 # would pay a full TLS handshake (~5 ms of CPU here) per review, far above the decision itself.
-# app.server.worker's subclass keeps idle TLS connections (the API server parks spare ones) off
-# threads.
+# app.server.worker's subclass reads every request whole in the worker's poller, within time
+# limits, before a thread gets it: idle and slow connections hold no thread.
 worker_class = "app.server.worker.ThreadWorker"
 workers = _settings.resolved_workers()
 threads = _settings.threads
 keepalive = _settings.keepalive
+# Connections per worker; at the cap a worker logs it and stops accepting until one closes, so
+# new connections go to the other workers. The API server keeps up to 25 idle connections per
+# webhook host (k8s.io/apimachinery SetTransportDefaults) plus one per concurrent call.
+worker_connections = 500
 
 # TLS 1.2+; the context is built once per worker and rebuilt when tls.crt/tls.key change on disk,
 # so a rotated certificate is served without a restart.
@@ -75,7 +78,8 @@ control_socket_disable = True
 if os.path.isdir("/dev/shm"):
     worker_tmp_dir = "/dev/shm"
 
-# Request lines and headers of the API server are small; bodies are capped by the app (413).
+# Request lines and headers of the API server are small; app.server.worker caps the whole head
+# at 64 KiB and bodies at 7 MiB (413).
 limit_request_line = 8190
 limit_request_fields = 100
 
@@ -91,11 +95,6 @@ def post_worker_init(worker: Any) -> None:
     # The app was built (load_wsgi) without starting anything; its threads (namespace watch,
     # event sender) start here, in the worker process, after the fork.
     worker.wsgi.extensions["poolkeeper"].start()
-
-
-def pre_request(worker: Any, req: Any) -> None:
-    # Lets the app close the connection after a 413 (gunicorn drops a Connection header).
-    remember_request(req)
 
 
 def child_exit(server: Any, worker: Any) -> None:
