@@ -55,12 +55,43 @@ class CaseResult:
 
 
 def discover(directory: str | Path) -> list[Case]:
+    """The cases under ``directory``, which is the case root (``<rule>/<case>/``), one rule's
+    directory (``<case>/``) or one case (it holds ``input.yaml``)."""
     directory = Path(directory)
+    if (directory / "input.yaml").is_file():
+        return [Case(directory.resolve().parent.name, directory.name, directory)]
+    children = sorted(p for p in directory.iterdir() if p.is_dir())
+    if any((child / "input.yaml").is_file() for child in children):
+        rule = directory.resolve().name
+        return [Case(rule, child.name, child) for child in children]
     cases = []
-    for rule_dir in sorted(p for p in directory.iterdir() if p.is_dir()):
+    for rule_dir in children:
         for case_dir in sorted(p for p in rule_dir.iterdir() if p.is_dir()):
             cases.append(Case(rule_dir.name, case_dir.name, case_dir))
     return cases
+
+
+def default_case_root(rules_dir: str | Path) -> Path:
+    """Where a rules directory's golden cases live: ``testdata/rules`` beside it (so the
+    shipped rules' cases are found from any working directory)."""
+    return Path(rules_dir).resolve().parent / "testdata" / "rules"
+
+
+def junit_xml(results: Sequence[CaseResult], seconds: float = 0.0) -> str:
+    """The results as a JUnit XML report: one testsuite, a testcase per case (classname the
+    rule), a failure element with the detail for each failed case."""
+    from xml.etree import ElementTree as ET
+
+    root = ET.Element("testsuites")
+    suite = ET.SubElement(root, "testsuite", name="poolkeeper", tests=str(len(results)),
+                          failures=str(sum(not r.passed for r in results)), errors="0",
+                          time=f"{seconds:.3f}")
+    for result in results:
+        case = ET.SubElement(suite, "testcase", classname=result.case.rule,
+                             name=result.case.name)
+        if not result.passed:
+            ET.SubElement(case, "failure", message=result.detail[:500]).text = result.detail
+    return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode")
 
 
 def load_case_rule(case: Case) -> Rule:

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .config import ENV_PREFIX, ConfigError, Settings, load_settings
 
@@ -16,37 +16,74 @@ if TYPE_CHECKING:
 DESCRIPTION = "poolkeeper: pins each namespace's pods to its node pool (mutating admission webhook)"
 
 
+def _setting(parser: argparse.ArgumentParser | argparse._ArgumentGroup, flag: str, text: str,
+             **kwargs: Any) -> None:
+    """An option that sets a Settings field; its help names the default and the variable."""
+    from dataclasses import fields
+
+    name = flag.lstrip("-").replace("-", "_")
+    dest = str(kwargs.pop("dest", name))
+    default = {f.name: f.default for f in fields(Settings)}[dest]
+    shown = "none" if default is None else default
+    if dest == "workers" and default == 0:
+        shown = "0, meaning 2 x cores + 1"
+    parser.add_argument(flag, dest=dest, help=f"{text} (default: {shown}; environment: "
+                                             f"{ENV_PREFIX}{dest.upper()})", **kwargs)
+
+
 def _add_source_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--rules", dest="rules_dir", metavar="DIR",
-                        help="directory of rule files (default: the shipped rules/)")
+    _setting(parser, "--rules", "directory of rule files (none: the shipped rules/)",
+             dest="rules_dir", metavar="DIR")
     group = parser.add_argument_group("namespace source")
-    group.add_argument("--namespaces", dest="namespaces_file", metavar="FILE",
-                       help="read Namespace objects from this YAML file instead of the API server")
-    group.add_argument("--kubeconfig", metavar="FILE",
-                       help="kubeconfig to use (default: in-cluster, else $KUBECONFIG)")
+    _setting(group, "--namespaces", "read Namespace objects from this YAML file instead of the "
+             "API server", dest="namespaces_file", metavar="FILE")
+    _setting(group, "--kubeconfig", "kubeconfig to reach the API server (none: in-cluster, else "
+             "$KUBECONFIG or ~/.kube/config)", metavar="FILE")
+
+
+def _package_version() -> str:
+    # Not app.metrics.version: `poolkeeper serve` must not import prometheus_client before
+    # gunicorn's configuration has set up the multiprocess directory (app.metrics docstring).
+    from importlib import metadata
+
+    try:
+        return metadata.version("poolkeeper")
+    except metadata.PackageNotFoundError:  # pragma: no cover - an uninstalled tree
+        return "unknown"
+
+
+def _version() -> str:
+    import platform
+
+    return f"poolkeeper {_package_version()} (Python {platform.python_version()})"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="poolkeeper", description=DESCRIPTION)
+    parser = argparse.ArgumentParser(
+        prog="poolkeeper", description=DESCRIPTION,
+        epilog="Every setting of serve also comes from a POOLKEEPER_* environment variable; an "
+               "option wins. 'poolkeeper COMMAND --help' describes each command.")
+    parser.add_argument("--version", action="version", version=_version())
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="serve the webhook over TLS with gunicorn")
-    serve.add_argument("--host", help="address to listen on (default 0.0.0.0)")
-    serve.add_argument("--port", type=int, help="port (default 8443)")
-    serve.add_argument("--cert-dir", metavar="DIR",
-                       help="directory with tls.crt and tls.key (default /etc/poolkeeper/tls)")
-    serve.add_argument("--workers", type=int, metavar="N", help="worker processes "
-                       "(default 2 x cores + 1)")
-    serve.add_argument("--threads", type=int, metavar="N", help="threads per worker (default 4)")
-    serve.add_argument("--keepalive", type=int, metavar="SECONDS",
-                       help="idle keep-alive time (default 75)")
-    serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
-    serve.add_argument("--cache-ttl", type=float, metavar="SECONDS",
-                       help="trust a namespace GET this long while the watch is down "
-                            "(default 30)")
-    serve.add_argument("--max-stale", type=float, metavar="SECONDS",
-                       help="serve cached labels this long while the API server fails, then "
-                            "answer 500 (default 300)")
+    serve = commands.add_parser(
+        "serve", help="serve the webhook over TLS with gunicorn",
+        description="Serve the webhook (POST /mutate...) and /healthz, /readyz, /metrics over "
+                    "TLS with gunicorn, with the pair in --cert-dir (poolkeeper certs makes "
+                    "one). Exits 2 with one message naming every invalid setting or rule.")
+    _setting(serve, "--host", "address to listen on")
+    _setting(serve, "--port", "port to listen on", type=int)
+    _setting(serve, "--cert-dir", "directory with tls.crt and tls.key", metavar="DIR")
+    _setting(serve, "--workers", "worker processes", type=int, metavar="N")
+    _setting(serve, "--threads", "threads per worker", type=int, metavar="N")
+    _setting(serve, "--keepalive", "seconds an idle keep-alive connection is kept", type=int,
+             metavar="SECONDS")
+    _setting(serve, "--log-level", "log level", choices=("debug", "info", "warning", "error"))
+    _setting(serve, "--cache-ttl", "seconds a namespace GET is trusted while the watch is down",
+             type=float, metavar="SECONDS")
+    _setting(serve, "--max-stale", "seconds cached labels are served while the API server "
+             "fails, then 500 (the webhook's failurePolicy decides)", type=float,
+             metavar="SECONDS")
     _add_source_options(serve)
 
     mutate = commands.add_parser(
@@ -59,34 +96,68 @@ def build_parser() -> argparse.ArgumentParser:
                     "has the input's shape. Denials go to stderr, naming the object when there "
                     "are several, and exit 1; unreadable input exits 2.")
     mutate.add_argument("input", metavar="INPUT")
-    mutate.add_argument("--output", choices=("object", "review"), default="object",
-                        help="object: the mutated object as YAML (default); review: the "
-                             "AdmissionReview response")
+    mutate.add_argument("-o", "--output", choices=("yaml", "json", "review", "object"),
+                        default="yaml", help="yaml (default; 'object' is the same): the "
+                        "objects as poolkeeper would admit them; json: the same as JSON; "
+                        "review: the AdmissionReview responses")
     mutate.add_argument("--namespace", "-n", dest="object_namespace", metavar="NS",
                         help="namespace of the object when it names none (default 'default')")
     _add_source_options(mutate)
 
     test = commands.add_parser(
         "test", help="run golden rule cases, like kyverno test",
-        description="Runs every case under DIR/<rule-name>/<case-name>/ against that rule from "
-                    "--rules. Prints one line per case and 'N passed, N failed'; exits 1 on a "
-                    "failure or when no case ran.")
-    test.add_argument("cases", nargs="?", default=None, metavar="DIR",
-                      help="default: testdata/rules")
+        description="Runs golden cases (<rule-name>/<case-name>/ with input.yaml, see README) "
+                    "against their rule from --rules. Prints one line per case and 'N passed, "
+                    "N failed'; exits 1 on a failure or when no case ran.")
+    test.add_argument("cases", nargs="*", metavar="PATH",
+                      help="the case root, one rule's directory or one case (default: "
+                           "testdata/rules beside the rules directory)")
+    test.add_argument("--rule", action="append", metavar="NAME",
+                      help="run only this rule's cases (repeatable)")
     test.add_argument("--rules", dest="rules_dir", metavar="DIR",
                       help="directory of rule files (default: the shipped rules/)")
+    test.add_argument("-o", "--output", dest="format", choices=("text", "json", "yaml"),
+                      default="text", help="text: a line per case (default); json or yaml: "
+                                           "the results as data")
+    test.add_argument("--junit", metavar="FILE",
+                      help="also write the results as JUnit XML to FILE (for CI systems)")
 
-    certs = commands.add_parser("certs", help="create a CA and a serving certificate")
-    certs.add_argument("--out", required=True, metavar="DIR")
-    certs.add_argument("--service", default="poolkeeper", metavar="NAME")
-    certs.add_argument("--namespace", default="poolkeeper-system", metavar="NS")
-    certs.add_argument("--days", type=int, default=365, metavar="N")
+    certs = commands.add_parser(
+        "certs", help="create a CA and a serving certificate",
+        description="Write ca.crt, tls.crt and tls.key (0600) into DIR for the Service "
+                    "NAME.NS.svc and print the CA as a base64 caBundle. A valid pair is kept "
+                    "unless --force; one inside its renewal window (the last 30 days, or the "
+                    "last third of its lifetime when shorter) is replaced.")
+    certs.add_argument("--out", required=True, metavar="DIR",
+                       help="directory to write the pair into (created if missing)")
+    certs.add_argument("--service", default="poolkeeper", metavar="NAME",
+                       help="the webhook's Service name (default: poolkeeper)")
+    certs.add_argument("--namespace", default="poolkeeper-system", metavar="NS",
+                       help="the Service's namespace (default: poolkeeper-system)")
+    certs.add_argument("--days", type=int, default=365, metavar="N",
+                       help="lifetime of the serving certificate in days (default: 365)")
     certs.add_argument("--force", action="store_true",
-                       help="replace a valid existing pair")
+                       help="replace a valid existing pair (a new CA: the caBundle changes)")
+
+    version = commands.add_parser("version", help="print the version (-o json: with Python, "
+                                                  "dependencies and the rule set's digest)")
+    version.add_argument("-o", "--output", dest="format", choices=("text", "json", "yaml"),
+                         default="text")
+    version.add_argument("--rules", dest="rules_dir", metavar="DIR",
+                         help="rules directory whose digest to print (default: the shipped "
+                              "rules/)")
+
+    completion = commands.add_parser(
+        "completion", help="print a shell completion script",
+        description="Print a completion script: e.g. 'source <(poolkeeper completion bash)', "
+                    "'poolkeeper completion zsh > \"${fpath[1]}/_poolkeeper\"', or "
+                    "'poolkeeper completion fish > ~/.config/fish/completions/poolkeeper.fish'.")
+    completion.add_argument("shell", choices=("bash", "zsh", "fish"))
     return parser
 
 
-_NOT_SETTINGS = {"command", "input", "output", "object_namespace", "cases"}
+_NOT_SETTINGS = {"command", "input", "output", "object_namespace", "cases", "rule", "format",
+                 "junit"}
 
 
 def _settings_from(args: argparse.Namespace) -> Settings:
@@ -112,6 +183,13 @@ def _run(args: argparse.Namespace) -> int:
             return mutate(args)
         if args.command == "test":
             return test(args)
+        if args.command == "version":
+            return version(args)
+        if args.command == "completion":
+            from .completion import script
+
+            print(script(args.shell, build_parser()), end="")
+            return 0
         return certs(args)
     except ConfigError as exc:
         print(f"poolkeeper: {exc}", file=sys.stderr)
@@ -182,34 +260,88 @@ def _load_rules(settings: Settings) -> tuple[Rule, ...]:
     return load_rules(settings.rules_dir or SHIPPED_RULES)
 
 
-DEFAULT_CASES = "testdata/rules"
-
-
 def test(args: argparse.Namespace) -> int:
-    from .cases import discover, run_case
+    import time
 
-    directory = args.cases or DEFAULT_CASES
-    # Exit 1 whenever no case could run, like a failed case (2 is for the other commands).
-    if not os.path.isdir(directory):
-        print(f"poolkeeper test: case directory {directory} does not exist (give the directory "
-              "that holds <rule-name>/<case-name>/)", file=sys.stderr)
-        return 1
+    from .cases import default_case_root, discover, junit_xml, run_case
+    from .rules import SHIPPED_RULES
+
     try:
-        rules = _load_rules(_settings_from(args))
+        settings = _settings_from(args)
+        rules = _load_rules(settings)
     except ConfigError as exc:
         print(f"poolkeeper test: {exc}", file=sys.stderr)
         return 1
-    results = [run_case(case, rules) for case in discover(directory)]
-    for result in results:
-        status = "PASS" if result.passed else "FAIL"
-        detail = "" if result.passed else f": {result.detail}"
-        print(f"{status} {result.case.id}{detail}")
+    paths = args.cases or [str(default_case_root(settings.rules_dir or SHIPPED_RULES))]
+    # Exit 1 whenever no case could run, like a failed case (2 is for the other commands).
+    missing = [p for p in paths if not os.path.isdir(p)]
+    if missing:
+        print(f"poolkeeper test: case directory {missing[0]} does not exist (give the case "
+              "root <rule-name>/<case-name>/, a rule's directory or one case)", file=sys.stderr)
+        return 1
+    cases = [case for path in paths for case in discover(path)
+             if not args.rule or case.rule in args.rule]
+    started = time.monotonic()
+    results = [run_case(case, rules) for case in cases]
     passed = sum(r.passed for r in results)
     failed = len(results) - passed
-    print(f"{passed} passed, {failed} failed")
+    if args.format == "text":
+        for result in results:
+            status = "PASS" if result.passed else "FAIL"
+            detail = "" if result.passed else f": {result.detail}"
+            print(f"{status} {result.case.id}{detail}")
+        print(f"{passed} passed, {failed} failed")
+    else:
+        report = {"passed": passed, "failed": failed, "cases": [
+            {"id": r.case.id, "rule": r.case.rule, "case": r.case.name, "passed": r.passed,
+             **({} if r.passed else {"detail": r.detail})} for r in results]}
+        _print_data(report, args.format)
+    if args.junit:
+        with open(args.junit, "w", encoding="utf-8") as out:
+            out.write(junit_xml(results, time.monotonic() - started))
     if not results:
-        print(f"poolkeeper test: no cases under {directory}", file=sys.stderr)
+        which = f" of rule {', '.join(args.rule)}" if args.rule else ""
+        print(f"poolkeeper test: no cases{which} under {', '.join(paths)}", file=sys.stderr)
     return 0 if results and not failed else 1
+
+
+def _print_data(data: object, fmt: str) -> None:
+    import orjson
+    import yaml
+
+    if fmt == "json":
+        print(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+    else:
+        yaml.safe_dump(data, sys.stdout, sort_keys=False)
+
+
+def version(args: argparse.Namespace) -> int:
+    import platform
+    from importlib import metadata
+
+    from .rules import SHIPPED_RULES
+    from .rules.loader import load_rule_set
+
+    if args.format == "text":
+        print(_version())
+        return 0
+    directory = args.rules_dir or str(SHIPPED_RULES)
+    rules: dict[str, object] = {"directory": directory}
+    try:
+        rule_set = load_rule_set(directory)
+        rules.update(digest=rule_set.digest, names=[r.name for r in rule_set.rules])
+    except ConfigError as exc:
+        rules["error"] = str(exc)
+    dependencies: dict[str, str | None] = {}
+    for name in ("flask", "gunicorn", "kubernetes", "prometheus-client", "orjson", "PyYAML",
+                 "cryptography", "jsonpatch", "cachetools"):
+        try:
+            dependencies[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            dependencies[name] = None
+    _print_data({"poolkeeper": _package_version(), "python": platform.python_version(),
+                 "dependencies": dependencies, "rules": rules}, args.format)
+    return 0
 
 
 def certs(args: argparse.Namespace) -> int:

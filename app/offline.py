@@ -160,16 +160,30 @@ def print_results(document: Document, outcomes: list[Outcome], output: str, out:
             review = encode_review(outcome.request.uid, outcome.decision.response)
             print(orjson.dumps(orjson.loads(review), option=orjson.OPT_INDENT_2).decode(),
                   file=out)
-    elif document.shape == "single":
+        return 1 if denied else 0
+    dump = _json_dump if output == "json" else _yaml_dump
+    if document.shape == "single":
         if outcomes[0].decision.response.allowed:
-            yaml.safe_dump(outcomes[0].result, out, sort_keys=False)
+            dump([outcomes[0].result], out)
     elif document.shape == "stream":
-        yaml.safe_dump_all([o.result for o in outcomes], out, sort_keys=False)
+        dump([o.result for o in outcomes], out)
     else:
         envelope = dict(document.envelope or {})
         envelope["items"] = [o.result for o in outcomes]
-        yaml.safe_dump(envelope, out, sort_keys=False)
+        dump([envelope], out)
     return 1 if denied else 0
+
+
+def _yaml_dump(documents: list[Any], out: TextIO) -> None:
+    if len(documents) == 1:
+        yaml.safe_dump(documents[0], out, sort_keys=False)
+    else:
+        yaml.safe_dump_all(documents, out, sort_keys=False)
+
+
+def _json_dump(documents: list[Any], out: TextIO) -> None:
+    for document in documents:  # one JSON document each, as kubectl -o json prints them
+        print(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode(), file=out)
 
 
 def no_cluster_hint(message: str) -> str:

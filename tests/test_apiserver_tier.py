@@ -298,7 +298,7 @@ def test_tier_pod_asking_for_other_pool_is_denied_with_the_message(live: Tier):
     labels = live.core.read_namespace(live.pool1).metadata.labels
     request = make_request({**body, "metadata": {**body["metadata"], "namespace": live.pool1}},
                            namespace=live.pool1)
-    decision = admit(request, lambda ns: labels if ns == live.pool1 else None, shipped_rules())
+    decision = admit(request, lambda ns: labels if ns == live.pool1 else None, shipped_rules(docs=True))
     assert not decision.response.allowed
     assert caught.value.status == 403
     assert status_message(caught.value) == (

@@ -302,3 +302,88 @@ def test_cli_serve_on_a_taken_port_says_so_and_how_to_pick_another(tmp_path, cap
     err = capsys.readouterr().err
     assert code == 2 and f"cannot listen on 127.0.0.1:{port}" in err
     assert "make run PORT=N" in err and "Traceback" not in err
+
+
+# -- for the person at the terminal ----------------------------------------------------------------
+
+def test_cli_version_flag_and_command():
+    flag = run("--version")
+    assert flag.returncode == 0 and flag.stdout.startswith("poolkeeper ") and "Python" in flag.stdout
+    data = json.loads(run("version", "-o", "json").stdout)
+    assert data["poolkeeper"] and data["python"] and data["dependencies"]["gunicorn"]
+    assert len(data["rules"]["digest"]) == 64 and "agentpool-node-selector" in data["rules"]["names"]
+
+
+def test_cli_help_names_defaults_and_environment_of_every_setting():
+    from dataclasses import fields
+
+    from app.config import Settings
+
+    text = " ".join(run("serve", "--help").stdout.split())
+    for field in fields(Settings):
+        assert f"POOLKEEPER_{field.name.upper()}" in text, field.name
+    assert "(default: 8443; environment: POOLKEEPER_PORT)" in text
+    certs = " ".join(run("certs", "--help").stdout.split())
+    assert "(default: 365)" in certs and "renewal window" in certs
+
+
+def test_cli_bash_completion_loads_and_completes(tmp_path):
+    script = run("completion", "bash").stdout
+    path = tmp_path / "poolkeeper.bash"
+    path.write_text(script)
+    probe = (f"source {path}; COMP_WORDS=(poolkeeper te); COMP_CWORD=1; _poolkeeper; "
+             'echo "${COMPREPLY[@]}"; COMP_WORDS=(poolkeeper mutate -o ""); COMP_CWORD=3; '
+             '_poolkeeper; echo "${COMPREPLY[@]}"')
+    result = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0 and result.stderr == ""
+    first, second = result.stdout.splitlines()
+    assert first == "test" and second.split() == ["yaml", "json", "review", "object"]
+
+
+@pytest.mark.parametrize("shell, checker", [("zsh", ["zsh", "-n"]), ("fish", ["fish", "-n"])])
+def test_cli_other_completion_scripts_are_valid(tmp_path, shell, checker):
+    script = run("completion", shell).stdout
+    assert "poolkeeper" in script and "serve" in script
+    if shutil.which(checker[0]) is None:
+        pytest.skip(f"{checker[0]} is not installed: its script was only generated")
+    path = tmp_path / f"poolkeeper.{shell}"
+    path.write_text(script)
+    assert subprocess.run([*checker, str(path)], capture_output=True, timeout=30).returncode == 0
+
+
+def test_cli_test_takes_a_rule_directory_one_case_and_a_rule_filter(tmp_path):
+    rule_dir = TESTDATA / "rules/remove-cpu-limits"
+    one = run("test", str(rule_dir))
+    assert one.returncode == 0 and all(line.startswith(("PASS remove-cpu-limits/", "7 passed"))
+                                       or "passed" in line for line in one.stdout.splitlines())
+    case = run("test", str(rule_dir / "pod-without-cpu-limits-is-left-alone"))
+    assert case.stdout.splitlines() == ["PASS remove-cpu-limits/pod-without-cpu-limits-is-left-alone",
+                                        "1 passed, 0 failed"]
+    filtered = run("test", "--rule", "image-pull-policy", "-o", "json")
+    data = json.loads(filtered.stdout)
+    assert {c["rule"] for c in data["cases"]} == {"image-pull-policy"} and data["failed"] == 0
+    nothing = run("test", "--rule", "no-such-rule")
+    assert nothing.returncode == 1 and "no cases of rule no-such-rule" in nothing.stderr
+
+
+def test_cli_test_finds_its_cases_from_any_directory(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "app", "test", "-o", "yaml"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load(result.stdout)["failed"] == 0
+
+
+def test_cli_test_writes_junit_xml(tmp_path):
+    from xml.etree import ElementTree
+
+    cases = tmp_path / "cases"
+    shutil.copytree(TESTDATA / "rules/image-pull-policy", cases / "image-pull-policy")
+    expected = cases / "image-pull-policy/platform-pod-pulls-always/expected.yaml"
+    expected.write_text(expected.read_text().replace("Always", "Never"))
+    report = tmp_path / "junit.xml"
+    assert run("test", str(cases), "--junit", str(report)).returncode == 1
+    suite = ElementTree.parse(report).getroot().find("testsuite")
+    assert suite is not None and suite.get("failures") == "1"
+    failed = [c for c in suite.findall("testcase") if c.find("failure") is not None]
+    assert [(c.get("classname"), c.get("name")) for c in failed] == [
+        ("image-pull-policy", "platform-pod-pulls-always")]

@@ -320,7 +320,7 @@ def test_remove_cpu_limits_warns_about_references_to_the_removed_limit():
     obj["spec"]["volumes"] = [
         {"name": "info", "downwardAPI": {"items": [
             {"path": "cpu", "resourceFieldRef": {"containerName": "c", "resource": "limits.cpu"}},
-            {"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]}},
+            {"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}, "not-an-item"]}},
         {"name": "proj", "projected": {"sources": [{"downwardAPI": {"items": [
             {"path": "cpu2", "resourceFieldRef": {"containerName": "c",
                                                   "resource": "limits.cpu"}}]}}]}},

@@ -310,3 +310,41 @@ def test_pool_rule_metadata_annotations_must_be_a_map():
     obj["metadata"]["annotations"] = "nope"
     with pytest.raises(ObjectShapeError, match="metadata.annotations"):
         decide(make_request(obj))
+
+
+def deployment(selector: dict | None = None, *, name: str = "web", **spec_extra) -> dict:
+    template_spec: dict = {"containers": [{"name": "c", "image": "busybox:1.36"}], **spec_extra}
+    if selector is not None:
+        template_spec["nodeSelector"] = dict(selector)
+    return {"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": name, "namespace": "team-a"},
+            "spec": {"selector": {"matchLabels": {"app": name}},
+                     "template": {"metadata": {"labels": {"app": name}}, "spec": template_spec}}}
+
+
+def controller_request(obj, operation="CREATE", old=None):
+    from app.review import request_for
+
+    return request_for(obj, old)
+
+
+def test_pool_rule_controller_update_leaving_placement_alone_is_not_judged_again():
+    # a Deployment from before its namespace was pooled keeps updating (replicas, labels)
+    old = deployment({"agentpool": "pool2"})
+    new = deployment({"agentpool": "pool2"})
+    new["metadata"]["labels"] = {"team": "a"}
+    response = decide(controller_request(new, old=old))
+    assert response.allowed and response.patch == ()
+
+
+def test_pool_rule_controller_update_changing_placement_is_judged_as_on_create():
+    old = deployment()
+    for changed in (deployment({"agentpool": "pool2"}), deployment(nodeName="node-7"),
+                    deployment(affinity={"nodeAffinity": {
+                        "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                            {"matchExpressions": [{"key": "agentpool", "operator": "In",
+                                                   "values": ["pool2"]}]}]}}})):
+        response = decide(controller_request(changed, old=old))
+        assert not response.allowed and "Deployment pod template" in response.message
+    same = decide(controller_request(deployment(), old=old))
+    assert same.allowed and same.patch == ()  # never patched: only DaemonSet templates are

@@ -111,7 +111,8 @@ def _references_to_removed(pod: dict, containers: list[tuple[Path, dict]],
                          f"allocatable {resource[7:]}")
 
     for _, container in containers:
-        name = container.get("name") if isinstance(container.get("name"), str) else ""
+        found_name = container.get("name")
+        name = found_name if isinstance(found_name, str) else ""
         for env in expect_list(container, ("env",)):
             if isinstance(env, dict):
                 check(lookup(env, ("valueFrom", "resourceFieldRef")), name,
