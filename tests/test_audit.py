@@ -389,3 +389,30 @@ def test_audit_readme_shows_what_the_fixture_audit_prints(capsys):
 
     main(["audit", "--namespaces", NAMESPACES, "--pods", PODS, "--nodes", NODES, "--fix-hint"])
     assert capsys.readouterr().out in (ROOT / "README.md").read_text()
+
+
+def test_audit_progress_bar_only_on_a_terminal():
+    import io
+
+    from app.audit import _progress_bar
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert _progress_bar(io.StringIO()) is None  # a pipe or a log gets no bar
+    terminal = Terminal()
+    bar = _progress_bar(terminal)
+    bar.update(500, 1200)
+    bar.update(1200, 1200)
+    bar.close()
+    assert "pods" in terminal.getvalue()
+
+
+def test_audit_interval_is_off_by_default_and_validated():
+    from app.config import ConfigError, load_settings
+
+    assert load_settings({}, environ={}).audit_interval == 0
+    assert load_settings({}, environ={"POOLKEEPER_AUDIT_INTERVAL": "300"}).audit_interval == 300
+    with pytest.raises(ConfigError, match="audit-interval: 0.5 must be 0 .off. or at least 1"):
+        load_settings({"audit_interval": 0.5}, environ={})
