@@ -35,6 +35,7 @@ import yaml
 from .patching import escape
 from .review import request_for
 from .rules import MIRROR_POD_ANNOTATION, PoolPlacement, Rule, RuleContext
+from .text import ECHO_LIMIT, clip, quote
 
 log = logging.getLogger("poolkeeper.audit")
 
@@ -60,10 +61,10 @@ def _map(value: Any) -> Mapping[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _text(value: Any, limit: int = 63) -> str:
-    """A value from an object, as echoed: a string, cut to ``limit`` characters."""
-    text = value if isinstance(value, str) else repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+def _text(value: Any, limit: int = ECHO_LIMIT) -> str:
+    """A value from an object, as echoed: a string cut after ``limit`` characters, anything
+    else named by its JSON type (app.text)."""
+    return clip(value, limit) if isinstance(value, str) else quote(value)
 
 
 @dataclass
@@ -523,7 +524,7 @@ def render(result: AuditResult, output: str = "table", *, fix_hint: bool = False
         return f"no drift: {checked}\n"
     header = ["NAMESPACE", "WORKLOAD", "POOL", "REASONS", "PODS", "FOUND"]
     rows = [[w.namespace, w.ref, w.pool, ",".join(r for r in REASONS if r in w.reasons),
-             str(len(w.pods)), _text(", ".join(sorted(w.found)), 60)]
+             str(len(w.pods)), _text(", ".join(sorted(w.found)), 57)]
             for w in result.workloads]
     if fix_hint:
         header.append("FIX")
