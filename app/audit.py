@@ -471,7 +471,7 @@ def audit_files(rules: Iterable[Rule], namespaces_file: str, pods_file: str,
     """The audit of objects in files: namespaces (as ``--namespaces`` elsewhere), pods with
     any DaemonSets and ReplicaSets (``kubectl get pods,daemonsets,replicasets -A -o yaml``), and
     optionally nodes (``kubectl get nodes -o yaml``)."""
-    from .namespaces import parse_namespaces
+    from .namespaces.file import parse_namespaces
 
     try:
         with open(namespaces_file, encoding="utf-8") as stream:

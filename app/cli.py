@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_cluster_commands(commands: Any) -> None:
+def _add_cluster_commands(
+        commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``audit`` and ``status`` (app.audit, app.status): their own options, no Settings."""
     audit = commands.add_parser(
         "audit", help="list workloads whose placement drifts from their namespace's pool",
