@@ -384,13 +384,6 @@ def test_audit_render_cuts_long_values():
     assert "x" * 57 + "..." in line and "x" * 61 not in line
 
 
-def test_audit_readme_shows_what_the_fixture_audit_prints(capsys):
-    from .support import ROOT
-
-    main(["audit", "--namespaces", NAMESPACES, "--pods", PODS, "--nodes", NODES, "--fix-hint"])
-    assert capsys.readouterr().out in (ROOT / "README.md").read_text()
-
-
 def test_audit_progress_bar_only_on_a_terminal():
     import io
 
