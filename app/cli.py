@@ -1,4 +1,4 @@
-"""Owns the ``poolkeeper`` command line: serve, mutate and certs."""
+"""Owns the ``poolkeeper`` command line: serve, mutate, test, certs, audit and status."""
 
 from __future__ import annotations
 
@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     _setting(serve, "--max-stale", "seconds cached labels are served while the API server "
              "fails, then 500 (the webhook's failurePolicy decides)", type=float,
              metavar="SECONDS")
+    _setting(serve, "--audit-interval", "seconds between drift audits, run in the one process "
+             "the audit Lease elects (0: off; only with namespaces from the API server)",
+             type=float, metavar="SECONDS")
     _add_source_options(serve)
 
     mutate = commands.add_parser(
@@ -153,7 +156,49 @@ def build_parser() -> argparse.ArgumentParser:
                     "'poolkeeper completion zsh > \"${fpath[1]}/_poolkeeper\"', or "
                     "'poolkeeper completion fish > ~/.config/fish/completions/poolkeeper.fish'.")
     completion.add_argument("shell", choices=("bash", "zsh", "fish"))
+    _add_cluster_commands(commands)
     return parser
+
+
+def _add_cluster_commands(
+        commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``audit`` and ``status`` (app.audit, app.status): their own options, no Settings."""
+    audit = commands.add_parser(
+        "audit", help="list workloads whose placement drifts from their namespace's pool",
+        description="Lists pods and DaemonSets whose placement disagrees with their namespace's "
+                    "pool today, one line per workload. Reads the cluster of the kubeconfig, or "
+                    "files with --namespaces and --pods. Exits 0 without drift, 1 with drift, "
+                    "2 when it cannot audit.")
+    audit.add_argument("--rules", dest="rules_dir", metavar="DIR",
+                       help="rules whose PoolPlacement params judge (default: the shipped rules/)")
+    audit.add_argument("--kubeconfig", metavar="FILE",
+                       help="kubeconfig to use (default: in-cluster, else $KUBECONFIG)")
+    audit.add_argument("--namespaces", dest="namespaces_file", metavar="FILE",
+                       help="offline: Namespace objects (kubectl get ns -o yaml)")
+    audit.add_argument("--pods", dest="pods_file", metavar="FILE",
+                       help="offline: pods, with any DaemonSets and ReplicaSets "
+                            "(kubectl get pods,ds,rs -A -o yaml)")
+    audit.add_argument("--nodes", dest="nodes_file", metavar="FILE",
+                       help="offline: nodes (kubectl get nodes -o yaml), to check node pools")
+    audit.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
+    audit.add_argument("--fix-hint", action="store_true",
+                       help="add a FIX column with the command that resolves each line")
+    audit.add_argument("--chunk-size", type=int, default=500, metavar="N",
+                       help="objects per list request (default 500)")
+
+    status = commands.add_parser(
+        "status", help="show which rules each replica enforces",
+        description="Lists every poolkeeper process's replica record (a Lease in --namespace): "
+                    "the digest of the rules it enforces and when it loaded them. Exits 0 when "
+                    "every live replica enforces the rules of --rules, 1 when one does not, 2 "
+                    "when the records cannot be read.")
+    status.add_argument("--rules", dest="rules_dir", metavar="DIR",
+                        help="the rules the replicas should enforce (default: the shipped rules/)")
+    status.add_argument("--kubeconfig", metavar="FILE",
+                        help="kubeconfig to use (default: in-cluster, else $KUBECONFIG)")
+    status.add_argument("--namespace", "-n", default="poolkeeper-system", metavar="NS",
+                        help="poolkeeper's namespace (default poolkeeper-system)")
+    status.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
 
 
 _NOT_SETTINGS = {"command", "input", "output", "object_namespace", "cases", "rule", "format",
@@ -190,6 +235,14 @@ def _run(args: argparse.Namespace) -> int:
 
             print(script(args.shell, build_parser()), end="")
             return 0
+        if args.command == "audit":
+            from . import audit
+
+            return audit.command(args)
+        if args.command == "status":
+            from . import status
+
+            return status.command(args)
         return certs(args)
     except ConfigError as exc:
         print(f"poolkeeper: {exc}", file=sys.stderr)

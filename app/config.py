@@ -42,6 +42,9 @@ class Settings:
     max_stale: float = 300.0  # seconds cached labels may be served while the API server fails
     # rules/*.yaml to enforce; None: the rules shipped beside the package
     rules_dir: str | None = None
+    # seconds between drift audits by the one process the audit Lease elects; 0: no audit.
+    # Only with namespaces from the API server.
+    audit_interval: float = 0.0
 
     def resolved_workers(self) -> int:
         return self.workers or 2 * (os.cpu_count() or 1) + 1
@@ -111,6 +114,9 @@ def _validate(s: Settings) -> list[str]:
         problems.append(f"log-level: {s.log_level!r} is not one of {', '.join(_LOG_LEVELS)}")
     if s.cache_ttl <= 0 or s.max_stale < s.cache_ttl:
         problems.append(f"cache-ttl ({s.cache_ttl}) must be > 0 and <= max-stale ({s.max_stale})")
+    if s.audit_interval != 0 and s.audit_interval < 1:
+        problems.append(f"audit-interval: {s.audit_interval:g} must be 0 (off) or at least 1 "
+                        "second")
     if s.rules_dir is not None and not os.path.isdir(s.rules_dir):
         problems.append(f"rules: {s.rules_dir!r} is not a directory")
     if s.namespaces_file is not None and not os.path.isfile(s.namespaces_file):

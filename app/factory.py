@@ -5,8 +5,10 @@ first request) starts the threads in the process that serves."""
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import metrics
 from .admission import Decision
@@ -23,6 +25,14 @@ if TYPE_CHECKING:
     from flask import Flask
 
 
+class Background(Protocol):
+    """A thread of the serving process beyond the namespace source and the event sender."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
 @dataclass
 class Services:
     """What the transport needs to answer a request, and what it reports to."""
@@ -34,6 +44,9 @@ class Services:
     cert_file: str
     watcher: FileWatcher
     api_client: Any = None  # the kubernetes client the factory built (shared by source, events)
+    # with namespaces from the API server: the replica record and audit Lease campaign
+    # (app.leases.ReplicaPresence), then the periodic audit (app.audit.AuditLoop) when enabled
+    background: tuple[Background, ...] = ()
     started: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -46,10 +59,16 @@ class Services:
             if self.events is not None:
                 self.events.start()
             self.watcher.start()
+            for thread in self.background:
+                thread.start()
             self.started = True
 
     def stop(self) -> None:
+        """Stop what start() started: the audit Lease is released and the replica record
+        deleted (gunicorn's worker_exit calls this on a graceful stop)."""
         with self._lock:
+            for thread in reversed(self.background):
+                thread.stop()
             self.source.stop()
             if self.events is not None:
                 self.events.stop()
@@ -86,13 +105,15 @@ def create_app(settings: Settings | None = None, *, source: NamespaceSource | No
 
     Without an explicit ``source``, namespaces come from the settings' file or, when there is
     none, from the API server, through one kubernetes client that the event recorder shares
-    (unless an explicit ``events`` is given). Nothing is started.
+    (unless an explicit ``events`` is given), the replica record (``poolkeeper status``) and,
+    with ``audit_interval``, the audit. Nothing is started.
     """
     settings = settings or load_settings()
     metrics.initialise()
     watcher = watcher or process_watcher()
     rules = rules or RuleStore(settings.rules_dir or SHIPPED_RULES, watcher=watcher)
     api_client = None
+    background: tuple[Background, ...] = ()
     if source is None:
         if not settings.namespaces_file:
             from .kube import load_api_client
@@ -101,5 +122,33 @@ def create_app(settings: Settings | None = None, *, source: NamespaceSource | No
             if events is None:
                 events = EventRecorder(api_poster(api_client))
         source = namespace_source(settings, api_client, watcher)
+        if api_client is not None:
+            background = _cluster_threads(settings, api_client, source, rules)
     return flask_app(Services(settings, source, rules, events, cert_paths(settings.cert_dir)[0],
-                              watcher, api_client=api_client))
+                              watcher, api_client=api_client, background=background))
+
+
+def _cluster_threads(settings: Settings, api_client: Any, source: NamespaceSource,
+                     rules: RuleStore) -> tuple[Background, ...]:
+    """The replica record, and with audit_interval the audit Lease campaign and the audit."""
+    from .leases import ReplicaPresence, delete_expired_records
+
+    presence = ReplicaPresence(api_client, rules, audit=settings.audit_interval > 0,
+                               version=metrics.version())
+    if not settings.audit_interval:
+        return (presence,)
+    from .audit import AuditLoop, ClusterLister, audit_cluster, source_labels
+
+    lister = ClusterLister.from_client(api_client)
+
+    def run(keep_going: Callable[[], bool]) -> Any:
+        return audit_cluster(lister, rules.rules(), namespace_labels=source_labels(source),
+                             keep_going=keep_going)
+
+    def after_run() -> None:
+        record = presence.record
+        if record is not None:
+            delete_expired_records(presence.api, record.namespace, time.time())
+
+    return presence, AuditLoop(run, presence.is_auditor, settings.audit_interval,
+                               after_run=after_run)

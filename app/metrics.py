@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import platform
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from importlib import metadata
 from typing import TYPE_CHECKING
 
@@ -65,6 +65,23 @@ EVENTS = Counter(
     "poolkeeper_events_total", "Kubernetes Events about denials and warnings, by outcome.",
     ["outcome"])  # sent, rate_limited, dropped, failed
 
+# Set by the one process that audits (app.audit.AuditLoop; the audit Lease elects it). livemax: a
+# dead auditor's series go with it, and a process that stops auditing zeroes its own.
+DRIFT_WORKLOADS = Gauge(
+    "poolkeeper_drift_workloads", "Workloads whose running pods (or DaemonSet template) disagree "
+    "with their namespace's pool, by namespace and reason, at the last audit.",
+    ["namespace", "reason"], multiprocess_mode="livemax")
+AUDIT_LAST_RUN = Gauge(
+    "poolkeeper_audit_last_run_timestamp_seconds",
+    "Unix time the last audit completed (0 where this pod does not audit).",
+    multiprocess_mode="livemax")
+# Bounded: namespaces come only from the namespace source's labels (the audit skips pods of
+# namespaces it does not know), and past this many (namespace, reason) series the rest are summed
+# under namespace OTHER_NAMESPACES.
+MAX_DRIFT_SERIES = 1000
+OTHER_NAMESPACES = "_other"
+_drift_series: set[tuple[str, str]] = set()  # every series this process has set
+
 LOOKUP_HIT = NAMESPACE_LOOKUPS.labels("hit")
 LOOKUP_MISS = NAMESPACE_LOOKUPS.labels("miss")
 LOOKUP_STALE = NAMESPACE_LOOKUPS.labels("stale")
@@ -114,6 +131,26 @@ def count_actions(decision: Decision, namespace: str) -> None:
         RULE_ACTIONS.labels(action.rule, namespace, action.effect).inc()
 
 
+def export_drift(counts: Mapping[tuple[str, str], int], cap: int = MAX_DRIFT_SERIES) -> None:
+    """The audit's drifting workloads by (namespace, reason); series of earlier audits that are
+    clean now read 0."""
+    values: dict[tuple[str, str], int] = {}
+    for (namespace, reason), count in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        key = (namespace, reason)
+        if key not in _drift_series and len(_drift_series) + len(values) >= cap:
+            key = (OTHER_NAMESPACES, reason)
+        values[key] = values.get(key, 0) + count
+    _drift_series.update(values)
+    for namespace, reason in _drift_series:
+        DRIFT_WORKLOADS.labels(namespace, reason).set(values.get((namespace, reason), 0))
+
+
+def clear_drift() -> None:
+    """This process no longer audits: its drift series read 0."""
+    for namespace, reason in _drift_series:
+        DRIFT_WORKLOADS.labels(namespace, reason).set(0)
+
+
 def version() -> str:
     try:
         return metadata.version("poolkeeper")
@@ -122,15 +159,22 @@ def version() -> str:
 
 
 class _ScrapeTimeCollector:
-    """Values read when scraped: the serving certificate's expiry and the build."""
+    """Values read when scraped: the serving certificate's expiry, the build, and the digest of
+    the rules the answering worker enforces (the workers of a pod read the same directory and
+    pick a change up within a second of each other)."""
 
-    def __init__(self, cert_file: str | None):
+    def __init__(self, cert_file: str | None, rules_digest: str | None = None):
         self.cert_file = cert_file
+        self.rules_digest = rules_digest
 
     def collect(self) -> Iterator[Metric]:
         info = InfoMetricFamily("poolkeeper_build", "poolkeeper version and runtime.")
         info.add_metric([], {"version": version(), "python": platform.python_version()})
         yield info
+        if self.rules_digest:
+            rules = InfoMetricFamily("poolkeeper_rules", "Digest of the rule set in force.")
+            rules.add_metric([], {"digest": self.rules_digest})
+            yield rules
         if self.cert_file:
             from .certs import CertificateError, certificate_expiry
 
@@ -144,7 +188,7 @@ class _ScrapeTimeCollector:
             yield expiry
 
 
-def exposition(cert_file: str | None = None) -> bytes:
+def exposition(cert_file: str | None = None, rules_digest: str | None = None) -> bytes:
     """The text a scrape gets: every worker's samples plus the scrape-time values."""
     registry = CollectorRegistry()
     if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
@@ -154,7 +198,7 @@ def exposition(cert_file: str | None = None) -> bytes:
         registry = REGISTRY
     output = generate_latest(registry)
     extra = CollectorRegistry()
-    extra.register(_ScrapeTimeCollector(cert_file))
+    extra.register(_ScrapeTimeCollector(cert_file, rules_digest))
     return output + generate_latest(extra)
 
 

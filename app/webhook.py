@@ -166,7 +166,8 @@ def _too_large(length: int | None) -> RequestError:
 
 @blueprint.get("/metrics")
 def scrape() -> Response:
-    return Response(metrics.exposition(_services().cert_file), 200,
+    services = _services()
+    return Response(metrics.exposition(services.cert_file, services.rules.digest), 200,
                     mimetype=metrics.CONTENT_TYPE)
 
 
@@ -177,8 +178,10 @@ def healthz() -> Response:
 
 @blueprint.get("/readyz")
 def readyz() -> Response:
-    if _services().source.ready():
-        return Response("ok\n", 200, mimetype="text/plain")
+    services = _services()
+    if services.source.ready():
+        # which rules this worker enforces: `poolkeeper status` compares the replicas
+        return Response(f"ok\nrules {services.rules.digest}\n", 200, mimetype="text/plain")
     return Response("namespace source has not completed its first listing\n", 503,
                     mimetype="text/plain")
 

@@ -400,7 +400,7 @@ def test_manifests_deployment_is_locked_down(base):
 def test_manifests_deployment_settings_match_its_mounts(base):
     pod = by_kind(base, "Deployment")["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e.get("value") for e in container["env"]}
     known = {f"POOLKEEPER_{f.upper()}" for f in Settings.__dataclass_fields__}
     assert {n for n in env if n.startswith("POOLKEEPER_")} <= known
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
@@ -418,11 +418,28 @@ def test_manifests_cluster_role_grants_only_what_is_used(base):
     role = by_kind(base, "ClusterRole")
     assert role["rules"] == [
         {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "watch"]},
-        {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]}]
+        {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+        # the drift audit reads, paged
+        {"apiGroups": [""], "resources": ["pods", "nodes"], "verbs": ["list"]},
+        {"apiGroups": ["apps"], "resources": ["replicasets", "daemonsets"], "verbs": ["list"]}]
+    subjects = [{"kind": "ServiceAccount", "name": "poolkeeper", "namespace": "poolkeeper-system"}]
     binding = by_kind(base, "ClusterRoleBinding")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "poolkeeper",
-                                    "namespace": "poolkeeper-system"}]
+    assert binding["subjects"] == subjects
+    # Leases (the audit election, the replica records) only in poolkeeper's own namespace
+    leases = by_kind(base, "Role")
+    assert leases["metadata"]["namespace"] == "poolkeeper-system"
+    assert leases["rules"] == [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                                "verbs": ["get", "list", "create", "update", "delete"]}]
+    role_binding = by_kind(base, "RoleBinding")
+    assert role_binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                       "name": leases["metadata"]["name"]}
+    assert role_binding["subjects"] == subjects
+    pod = by_kind(base, "Deployment")["spec"]["template"]["spec"]
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert float(env["POOLKEEPER_AUDIT_INTERVAL"]["value"]) > 0  # on in the cluster, off locally
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
     assert by_kind(base, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == \
         "poolkeeper"
 

@@ -36,7 +36,8 @@ PROMTOOL_TIMEOUT = 120  # seconds; the unit tests take well under one
 
 def exported_names() -> set[str]:
     """Every series name the app can expose, with the suffixes each metric type adds."""
-    names = {"poolkeeper_build_info", "poolkeeper_certificate_expiry_timestamp_seconds"}
+    names = {"poolkeeper_build_info", "poolkeeper_certificate_expiry_timestamp_seconds",
+             "poolkeeper_rules_info"}
     for value in vars(metrics).values():
         if isinstance(value, Counter):
             names.add(value._name + "_total")
@@ -74,7 +75,8 @@ def test_monitoring_exported_names_are_the_documented_ones():
 
 OWN_ALERTS = {"PoolkeeperErrorRatioHigh", "PoolkeeperLatencyHigh",
               "PoolkeeperCertificateExpiringSoon", "PoolkeeperCertificateUnreadable",
-              "PoolkeeperNamespaceWatchStale", "PoolkeeperRulesReloadFailing"}
+              "PoolkeeperNamespaceWatchStale", "PoolkeeperRulesReloadFailing",
+              "PoolkeeperPlacementDrift"}
 APISERVER_ALERTS = {"PoolkeeperWebhookCallsFailing", "PoolkeeperWebhookFailingOpen",
                     "PoolkeeperWebhookSlow"}
 

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from app.rules import SHIPPED_RULES, RulesError, RuleStore, load_rules
+from app.rules import SHIPPED_RULES, RulesError, RuleStore, load_rule_set, load_rules
 from app.watch import FileWatcher
 
 from .support import ROOT
@@ -250,6 +250,43 @@ def test_rules_store_survives_a_vanished_directory(tmp_path, caplog):
         watcher.check()
         assert len(store.rules()) == 4
     assert reloaded_since(before)["failure"] == 1
+
+
+def test_rules_digest_is_the_content_not_the_layout(tmp_path):
+    shutil.copytree(SHIPPED_RULES, tmp_path / "rules")
+    shipped = load_rule_set(SHIPPED_RULES)
+    assert [r.name for r in shipped.rules] == [r.name for r in load_rules(SHIPPED_RULES)]
+    assert len(shipped.digest) == 64 and int(shipped.digest, 16) >= 0  # sha256, hex
+    path = tmp_path / "rules/image-pull-policy.yaml"
+    text = path.read_text()
+    # comments, key order and flow style do not change what is enforced, nor the digest
+    path.write_text("# a comment\n" + text.replace("policy: Always", "policy: 'Always'"))
+    assert load_rule_set(tmp_path / "rules").digest == shipped.digest
+    path.write_text(text.replace("policy: Always", "policy: IfNotPresent"))
+    changed = load_rule_set(tmp_path / "rules").digest
+    assert changed != shipped.digest
+    path.write_text(text)
+    (tmp_path / "rules/remove-cpu-limits.yaml").unlink()
+    assert load_rule_set(tmp_path / "rules").digest not in (shipped.digest, changed)
+
+
+def test_rules_store_reports_the_digest_and_when_it_loaded_it(tmp_path):
+    shutil.copytree(SHIPPED_RULES, tmp_path / "rules")
+    watcher = FileWatcher()
+    now = [1000.0]
+    store = RuleStore(tmp_path / "rules", watcher=watcher, clock=lambda: now[0])
+    assert (store.digest, store.loaded_at) == (load_rule_set(SHIPPED_RULES).digest, 1000.0)
+    path = tmp_path / "rules/agentpool-node-selector.yaml"
+    path.write_text(path.read_text().replace("enforcement: enforce", "enforcement: warn"))
+    now[0] = 1060.0
+    watcher.check()
+    assert store.loaded_at == 1060.0
+    assert store.digest == load_rule_set(tmp_path / "rules").digest != \
+        load_rule_set(SHIPPED_RULES).digest
+    path.write_text(path.read_text().replace("enforcement: warn", "enforcement: bogus"))
+    now[0] = 1120.0
+    watcher.check()  # refused: the set in force, its digest and its load time stay
+    assert store.loaded_at == 1060.0 and store.rules("placement")[0].enforcement == "warn"
 
 
 def test_rules_shipped_directory_is_the_repository_rules():

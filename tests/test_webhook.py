@@ -210,3 +210,11 @@ def test_webhook_log_line_annotations_and_metrics_agree_on_what_each_rule_did(tm
     assert entry["decision"] == "patched"
     assert entry["rules"] == ["agentpool-node-selector"] and entry["warned"] == ["remove-cpu-limits"]
     assert count("warned") - before["warned"] == 1 and count("mutated") == before["mutated"]
+
+
+def test_webhook_readyz_and_metrics_name_the_rules_digest(client):
+    from app.rules import load_rule_set
+
+    digest = load_rule_set(SHIPPED_RULES).digest
+    assert client.get("/readyz").data == f"ok\nrules {digest}\n".encode()
+    assert f'poolkeeper_rules_info{{digest="{digest}"}} 1.0'.encode() in client.get("/metrics").data

@@ -10,8 +10,11 @@ from .loader import (
                    SHIPPED_RULES,
                    WEBHOOKS,
                    RulesError,
+                   RuleSet,
+                   load_rule_set,
                    load_rules,
                    parse_rule_file,
+                   rules_digest,
 )
 from .namespace_labels import NamespaceLabels
 from .pool import MIRROR_POD_ANNOTATION, PoolPlacement
@@ -22,6 +25,7 @@ __all__ = [
     "NOTHING", "LabelSelector", "Match", "Policy", "Requirement", "Rule", "RuleContext",
     "RuleResult", "ImagePullPolicy", "NamespaceLabels", "RemoveResourceLimits",
     "DEFAULT_EXCLUDED_NAMESPACES", "ENFORCEMENTS", "RULE_KINDS", "SHIPPED_RULES", "WEBHOOKS",
-    "RuleStore", "RulesError", "load_rules", "parse_rule_file", "MIRROR_POD_ANNOTATION",
+    "RuleSet", "RuleStore", "RulesError", "load_rule_set", "load_rules", "parse_rule_file",
+    "rules_digest", "MIRROR_POD_ANNOTATION",
     "PoolPlacement",
 ]

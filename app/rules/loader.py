@@ -24,10 +24,13 @@ and what is allowed.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,23 +82,45 @@ class _Problems:
         self.items.append(f"{self.source}: {field}: {message}")
 
 
+@dataclass(frozen=True)
+class RuleSet:
+    """A validated rule set and its digest (:func:`rules_digest` of the files' contents)."""
+
+    rules: tuple[Rule, ...]
+    digest: str
+
+
 def load_rules(directory: str | os.PathLike[str]) -> tuple[Rule, ...]:
     """Every rules/*.yaml in ``directory``, validated; RulesError naming each problem."""
+    return load_rule_set(directory).rules
+
+
+def load_rule_set(directory: str | os.PathLike[str]) -> RuleSet:
+    """:func:`load_rules` with the digest of the contents it validated."""
     directory = Path(directory)
     if not directory.is_dir():
         raise RulesError(f"rules directory {directory} does not exist")
     files = rule_files(directory)
     if not files:
         raise RulesError(f"{directory} holds no rule files (*.yaml)")
-    rules, problems = [], []
+    rules, problems, documents = [], [], {}
     for path in files:
-        rule, found = parse_rule_file(path)
+        doc, rule, found = _read_rule_file(path, path.stem)
         problems.extend(found)
         if rule is not None:
             rules.append(rule)
+            documents[rule.name] = doc
     if problems:
         raise RulesError("invalid rules:\n  " + "\n  ".join(problems))
-    return tuple(rules)
+    return RuleSet(tuple(rules), rules_digest(documents))
+
+
+def rules_digest(documents: Mapping[str, Any]) -> str:
+    """sha256 (hex) of the canonical JSON of each rule file's parsed content, sorted by rule
+    name: comments, key order and YAML layout do not change it; any value does."""
+    canonical = json.dumps(sorted(documents.items()), sort_keys=True, separators=(",", ":"),
+                           ensure_ascii=False, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def rule_files(directory: Path) -> list[Path]:
@@ -107,17 +132,23 @@ def rule_files(directory: Path) -> list[Path]:
 def parse_rule_file(path: Path, stem: str | None = None) -> tuple[Rule | None, list[str]]:
     """The rule in ``path`` and the problems found; its name must be ``stem`` (default: the
     file's name without .yaml)."""
+    _, rule, problems = _read_rule_file(path, stem or path.stem)
+    return rule, problems
+
+
+def _read_rule_file(path: Path, stem: str) -> tuple[Any, Rule | None, list[str]]:
+    """The file's parsed content, its rule (None when invalid) and the problems found."""
     problems = _Problems(str(path))
     try:
         doc = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         problems.add("file", f"cannot be read as YAML: {exc}")
-        return None, problems.items
+        return None, None, problems.items
     if not isinstance(doc, dict):
         problems.add("file", "must hold one YAML mapping (a rule)")
-        return None, problems.items
-    rule = _parse_rule(doc, stem or path.stem, problems)
-    return (rule if not problems.items else None), problems.items
+        return doc, None, problems.items
+    rule = _parse_rule(doc, stem, problems)
+    return doc, (rule if not problems.items else None), problems.items
 
 
 def _parse_rule(doc: Mapping[str, Any], stem: str, problems: _Problems) -> Rule | None:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from ..watch import FileWatcher, StatSignature, process_watcher, stat_signature
 from .base import Rule
-from .loader import WEBHOOKS, RulesError, load_rules, rule_files
+from .loader import WEBHOOKS, RulesError, RuleSet, load_rule_set, rule_files
 
 log = logging.getLogger("poolkeeper.rules")
 
@@ -18,21 +20,34 @@ class RuleStore:
 
     The file watcher (default: this process's; see :mod:`app.watch`) notices a change off the
     request path. A new set that does not validate is refused, the running set kept, and the
-    error logged once per change. ``rules()`` only reads an attribute.
+    error logged once per change. ``rules()`` only reads an attribute. ``digest`` says which set
+    is in force (:func:`~app.rules.loader.rules_digest`), ``loaded_at`` since when (Unix time).
     """
 
     def __init__(self, directory: str | os.PathLike[str], *,
-                 watcher: FileWatcher | None = None) -> None:
+                 watcher: FileWatcher | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self.directory = Path(directory)
+        self._clock = clock
         signature = self._signature()
-        self._rules = load_rules(self.directory)
-        self._by_webhook = _group(self._rules)
+        self._state = _State(load_rule_set(self.directory), clock())
         (watcher or process_watcher()).watch(f"rules {self.directory}", self._signature,
                                              self._reload, initial=signature)
 
     def rules(self, webhook: str | None = None) -> tuple[Rule, ...]:
         """The rules in force; only those served on /mutate/<webhook> when one is named."""
-        return self._rules if webhook is None else self._by_webhook.get(webhook, ())
+        state = self._state
+        return state.rules if webhook is None else state.by_webhook.get(webhook, ())
+
+    @property
+    def digest(self) -> str:
+        """The digest of the rule set in force."""
+        return self._state.digest
+
+    @property
+    def loaded_at(self) -> float:
+        """Unix time the rule set in force was loaded."""
+        return self._state.loaded_at
 
     def _signature(self) -> tuple[tuple[str, StatSignature], ...] | str:
         try:
@@ -47,17 +62,27 @@ class RuleStore:
         from .. import metrics
 
         try:
-            rules = load_rules(self.directory)
+            rule_set = load_rule_set(self.directory)
         except RulesError as exc:
             metrics.RULES_RELOADS.labels("failure").inc()
             log.error("refused the changed rules in %s, keeping the %d rules in force: %s",
-                      self.directory, len(self._rules), exc)
+                      self.directory, len(self._state.rules), exc)
             return
-        self._rules, self._by_webhook = rules, _group(rules)
+        self._state = _State(rule_set, self._clock())
+        rules = rule_set.rules
         metrics.RULES_RELOADS.labels("success").inc()
-        log.info("loaded %d rules from %s: %s", len(rules), self.directory,
-                 ", ".join(f"{r.name} ({r.enforcement})" for r in rules))
+        log.info("loaded %d rules from %s (digest %s): %s", len(rules), self.directory,
+                 rule_set.digest[:12], ", ".join(f"{r.name} ({r.enforcement})" for r in rules))
 
 
-def _group(rules: tuple[Rule, ...]) -> dict[str, tuple[Rule, ...]]:
-    return {w: tuple(r for r in rules if r.webhook == w) for w in WEBHOOKS}
+class _State:
+    """One loaded set, swapped whole so a reader never sees rules and digest of two sets."""
+
+    __slots__ = ("rules", "by_webhook", "digest", "loaded_at")
+
+    def __init__(self, rule_set: RuleSet, loaded_at: float) -> None:
+        self.rules = rule_set.rules
+        self.by_webhook = {w: tuple(r for r in rule_set.rules if r.webhook == w)
+                           for w in WEBHOOKS}
+        self.digest = rule_set.digest
+        self.loaded_at = loaded_at

@@ -97,6 +97,15 @@ def post_worker_init(worker: Any) -> None:
     worker.wsgi.extensions["poolkeeper"].start()
 
 
+def worker_exit(server: Any, worker: Any) -> None:
+    # In the worker, after a graceful stop: release the audit Lease (a candidate takes over at
+    # once instead of after its duration) and delete this process's replica record.
+    app = getattr(worker, "wsgi", None)
+    services = getattr(app, "extensions", {}).get("poolkeeper")
+    if services is not None:
+        services.stop()
+
+
 def child_exit(server: Any, worker: Any) -> None:
     # A dead worker's live gauges (cache size, watch age) must not count any more.
     from app import metrics
