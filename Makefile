@@ -39,7 +39,7 @@ lint: $(STAMP) ## ruff, mypy --strict on app/, import contracts
 
 # pytest exits 5 when it collected nothing: that must fail, not pass silently. The coverage gate:
 # every line and branch of the rule implementations (app/rules/) is executed by the tests.
-test: $(STAMP) ## every test and the coverage gate
+test: lint ## lint, then every test and the coverage gate
 	@$(BIN)/python -m pytest --cov=app --cov-branch --cov-report= $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; \
 	if [ $$rc -ne 0 ]; then exit $$rc; fi; \

@@ -303,3 +303,10 @@ def test_rules_label_selector_operators(operator, values, labels, expected):
     from app.rules import Requirement
 
     assert Requirement("k", operator, frozenset(values)).matches(labels) is expected
+
+
+def test_rules_loader_reads_an_unquoted_off_as_off(tmp_path):
+    write(tmp_path, "rule", "name: rule\nkind: NamespaceLabels\nenforcement: off\n"
+                            "params: {namePatternEnforcement: off}\n")
+    (rule,) = load_rules(tmp_path)
+    assert rule.enforcement == "off" and rule.policy.name_pattern_enforcement == "off"

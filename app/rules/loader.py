@@ -163,7 +163,7 @@ def _parse_rule(doc: Mapping[str, Any], stem: str, problems: _Problems) -> Rule 
     description = doc.get("description", "")
     if not isinstance(description, str):
         problems.add("description", "must be a string")
-    enforcement = doc.get("enforcement", "enforce")
+    enforcement = _off(doc.get("enforcement", "enforce"))
     if enforcement not in ENFORCEMENTS:
         problems.add("enforcement", f"{enforcement!r} is not one of {', '.join(ENFORCEMENTS)}")
     kind_name = doc.get("kind")
@@ -200,6 +200,12 @@ def _parse_rule(doc: Mapping[str, Any], stem: str, problems: _Problems) -> Rule 
                 template_warnings=template_warnings, docs_url=docs_url)
 
 
+def _off(value: Any) -> Any:
+    """An enforcement as written: YAML 1.1 reads an unquoted ``off`` as false, which can only
+    have meant "off" there."""
+    return "off" if value is False else value
+
+
 def _build_policy(kind: type[Policy], params: Any, problems: _Problems) -> Policy | None:
     if params is None:
         params = {}
@@ -213,6 +219,8 @@ def _build_policy(kind: type[Policy], params: Any, problems: _Problems) -> Polic
             problems.add(f"params.{key}", f"unknown param of {kind.KIND_NAME}; allowed: "
                                           f"{', '.join(kind.PARAMS)}")
             continue
+        if key.endswith("Enforcement"):
+            value = _off(value)
         problem = spec.check(value)
         if problem:
             problems.add(f"params.{key}", problem)
