@@ -17,6 +17,17 @@ def deployment_pod_review() -> dict:
     return json.loads((TESTDATA / "reviews/pod-create-deployment.json").read_text())
 
 
+def pytest_addoption(parser):
+    parser.addoption("--long", action="store_true", default=False,
+                     help="reliability tests run their long variants (more generated cases)")
+
+
+@pytest.fixture(scope="session")
+def long_run(request) -> bool:
+    """Whether pytest runs with --long (docs/reliability.md)."""
+    return request.config.getoption("--long")
+
+
 @pytest.fixture
 def figures():
     """``figures(line)`` prints a test's figures (seen with ``pytest -s``) and repeats them in
