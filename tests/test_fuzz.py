@@ -78,10 +78,11 @@ def check(echo: bool):
     return lambda case, answer: fuzz.problems_of(case, answer, echo_bound=echo)
 
 
-def report(title: str, tally: fuzz.Tally, figures) -> None:
+def report(title: str, tally: fuzz.Tally, client: fuzz.Client, figures) -> None:
     aside = ", ".join(f"{cls}={n}" for cls, n in sorted(tally.by_class.items()))
     figures(f"{title}: {tally.posted} bodies in {tally.seconds:.1f} s: {tally.statuses()}; "
-            f"{tally.failure_count} failures; set aside (known bad): {aside or 'none'}")
+            f"{tally.failure_count} failures; {client.reconnects} retried on a new connection; "
+            f"set aside (known bad): {aside or 'none'}")
 
 
 def test_fuzz_structured_mutations_of_real_reviews(server, client, long_run, figures):
@@ -92,7 +93,7 @@ def test_fuzz_structured_mutations_of_real_reviews(server, client, long_run, fig
     echo = "echo-amplification" not in fuzz.KNOWN_BAD
     tally = fuzz.post_all(client, fuzz.all_structured(long_run), THREADS, check(echo),
                           keep=lambda case: case.cls not in fuzz.KNOWN_BAD)
-    report("fuzz structured", tally, figures)
+    report("fuzz structured", tally, client, figures)
     assert not tally.failures, tally.report()
     assert tally.posted >= 10_000
     assert_still_serving(server, client, workers, log)
@@ -110,7 +111,7 @@ def test_fuzz_hypothesis_reviews(server, client, long_run, figures):
     echo = "echo-amplification" not in fuzz.KNOWN_BAD
     tally = fuzz.post_all(client, cases, THREADS, check(echo),
                           keep=lambda case: case.cls not in fuzz.KNOWN_BAD)
-    report(f"fuzz hypothesis (drawn in {drawn_s:.1f} s)", tally, figures)
+    report(f"fuzz hypothesis (drawn in {drawn_s:.1f} s)", tally, client, figures)
     assert not tally.failures, tally.report()
     assert tally.posted >= HYPOTHESIS_EXAMPLES // 2
     assert_still_serving(server, client, workers, log)
@@ -130,7 +131,7 @@ def test_fuzz_input_class(server, client, cls, long_run, figures):
     echo = cls == "echo-amplification" or "echo-amplification" not in fuzz.KNOWN_BAD
     before = _scrape(server) if cls == "metric-labels" else b""
     tally = fuzz.post_all(client, fuzz.class_cases(cls, long_run), THREADS, check(echo))
-    report(f"fuzz class {cls}", tally, figures)
+    report(f"fuzz class {cls}", tally, client, figures)
     assert tally.posted > 0
     assert not tally.failures, tally.report()
     if echo:
@@ -240,7 +241,8 @@ def test_fuzz_framing_error(server, client, name, figures):
     data, seconds = exchange(server, FRAMING[name])
     responses = _responses(data)
     figures(f"fuzz framing {name}: "
-            + (", ".join(str(status) for status, _, _ in responses) or "no answer")
+            + (", ".join(f"{status} {headers.get('content-type', '-').split(';')[0]}"
+                         for status, headers, _ in responses) or "no answer")
             + (f", closed after {seconds:.1f} s" if seconds != float("inf") else ", left open"))
     assert seconds <= FRAMING_DEADLINE_S, "the connection was still open at the deadline"
     if name != "content-length-longer-than-body":
