@@ -296,6 +296,22 @@ def seeds() -> list[tuple[str, dict, str]]:
     daemonset = _load("pods/daemonset.yaml")
     moved = copy.deepcopy(daemonset)
     moved["spec"]["template"]["spec"]["nodeSelector"] = {"agentpool": "pool1"}
+    template = {"metadata": {"labels": {"app": "web"}},
+                "spec": {"nodeSelector": {"agentpool": "pool2"},
+                         "containers": [{"name": "web", "image": "nginx:1.27"}]}}
+    deployment_object = {"apiVersion": "apps/v1", "kind": "Deployment",
+                         "metadata": {"name": "web", "namespace": "team-payments"},
+                         "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "web"}},
+                                  "template": template}}
+    cronjob = {"apiVersion": "batch/v1", "kind": "CronJob",
+               "metadata": {"name": "nightly", "namespace": "team-search"},
+               "spec": {"schedule": "0 3 * * *", "jobTemplate": {"spec": {"template": {
+                   "metadata": {}, "spec": {"restartPolicy": "Never",
+                                            "containers": [{"name": "job", "image": "busybox"}]}}}}}}
+    cronjob_review = review_doc(cronjob, kind="Deployment")  # then made a CronJob's
+    cronjob_review["request"]["kind"] = {"group": "batch", "version": "v1", "kind": "CronJob"}
+    cronjob_review["request"]["resource"] = {"group": "batch", "version": "v1",
+                                             "resource": "cronjobs"}
     old_pod = pod({"agentpool": "pool1"}, namespace="team-payments", name="mover")
     new_pod = pod({"agentpool": "pool2"}, namespace="team-payments", name="mover",
                   nodeName="node-7")
@@ -305,7 +321,9 @@ def seeds() -> list[tuple[str, dict, str]]:
            ("daemonset", review_doc(daemonset), "/mutate/placement"),
            ("daemonset-update", review_doc(moved, "UPDATE", old=daemonset), "/mutate"),
            ("pod-update", review_doc(new_pod, "UPDATE", old=old_pod), "/mutate/placement"),
-           ("pod-delete", review_doc(None, "DELETE", old=old_pod), "/mutate")]
+           ("pod-delete", review_doc(None, "DELETE", old=old_pod), "/mutate"),
+           ("deployment", review_doc(deployment_object), "/mutate/placement"),
+           ("cronjob", cronjob_review, "/mutate")]
     for name in ("affinity-other-pool-pod", "multi-container-resource-pod", "os-selector-pod",
                  "other-pool-pod", "plain-pod"):
         out.append((name, review_doc(_load(f"pods/{name}.yaml")), "/mutate"))
@@ -432,6 +450,10 @@ DEEP_PLACES: tuple[tuple[str, tuple, bool], ...] = (
     ("daemonset", ("request", "object", "spec", "template", "spec", "nodeSelector", "agentpool"),
      True),
     ("pod-update", ("request", "oldObject", "spec", "nodeSelector", "agentpool"), True),
+    ("deployment", ("request", "object", "spec", "template", "spec", "nodeSelector",
+                    "agentpool"), True),
+    ("cronjob", ("request", "object", "spec", "jobTemplate", "spec", "template", "spec",
+                 "nodeName"), True),
     ("namespace", ("request", "object", "metadata", "name"), True),
     ("deployment-pod", ("request", "object", "metadata", "generateName"), True),
     ("deployment-pod", ("kind",), False),
