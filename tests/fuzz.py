@@ -485,7 +485,8 @@ def _nest(depth: int, shape: str) -> bytes:
 
 
 def deep(long: bool) -> Iterator[Case]:
-    """Lists and maps nested 500 to 5,000 deep at each place of DEEP_PLACES."""
+    """Lists and maps nested 500 to 5,000 deep at each place of DEEP_PLACES, and one deep value
+    as both a container's cpu request and limit."""
     by_name = {name: (doc, path) for name, doc, path in seeds()}
     for seed_name, place, in_object in DEEP_PLACES:
         doc, path = by_name[seed_name]
@@ -505,6 +506,17 @@ def deep(long: bool) -> Iterator[Case]:
                     cls = doc_class(orjson.loads(body))
                 yield Case(f"deep:{seed_name}:{_label(place)}:{shape}x{depth}", body, path,
                            cls=cls)
+    # one deep value as both the cpu request and the cpu limit: the limits rule compares them
+    doc, path = by_name["deployment-pod"]
+    resources = ("request", "object", "spec", "containers", 0, "resources")
+    text = dumps(_replaced(_replaced(doc, (*resources, "limits", "cpu"), MARKER),
+                           (*resources, "requests", "cpu"), MARKER))
+    room = ORJSON_MAX_DEPTH - len(resources) - 2
+    for depth in (500, 1000, room):
+        for shape in ("list", "map"):
+            yield Case(f"deep:deployment-pod:cpu-request-and-limit:{shape}x{depth}",
+                       text.replace(dumps(MARKER), _nest(depth, shape)), path,
+                       cls="deep-object" if depth >= DEEP_BAND else None)
 
 
 HUGE_PLACES: tuple[tuple[str, tuple], ...] = (
