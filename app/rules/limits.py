@@ -74,7 +74,8 @@ class RemoveResourceLimits:
                                   for r in present):
             warnings.append(f"QoS class changes from Guaranteed to Burstable: "
                             f"{'/'.join(self.resources)} limits removed")
-        removed = {_container_name(containers, path): set(present)
+        by_path = {tuple(path): container for path, container in containers}
+        removed = {_container_name(by_path[tuple(path)]): set(present)
                    for (*path, _, _), present, _ in removals}
         warnings += _references_to_removed(obj, containers, removed)
         return RuleResult(effects=effects, warnings=tuple(warnings))
@@ -85,12 +86,9 @@ _LIMITS = ("resources", "limits")
 _MAX_REFERENCE_WARNINGS = 3
 
 
-def _container_name(containers: list[tuple[Path, dict]], path: Sequence[str | int]) -> str:
-    for container_path, container in containers:
-        if tuple(container_path) == tuple(path):
-            name = container.get("name")
-            return name if isinstance(name, str) else ""
-    return ""  # pragma: no cover - path comes from containers
+def _container_name(container: dict) -> str:
+    name = container.get("name")
+    return name if isinstance(name, str) else ""
 
 
 def _references_to_removed(pod: dict, containers: list[tuple[Path, dict]],
