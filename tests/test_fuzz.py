@@ -25,7 +25,7 @@ from .server import Server, start_server
 from .support import TESTDATA
 
 THREADS = 8  # client threads, as many as the server's 2 workers x 4 threads
-HYPOTHESIS_EXAMPLES = 1000  # x5 with --long
+HYPOTHESIS_EXAMPLES = 500  # x10 with --long
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +86,7 @@ def report(title: str, tally: fuzz.Tally, client: fuzz.Client, figures) -> None:
     aside = ", ".join(f"{cls}={n}" for cls, n in sorted(tally.by_class.items()))
     figures(f"{title}: {tally.posted} bodies in {tally.seconds:.1f} s: {tally.statuses()}; "
             f"{tally.failure_count} failures; {client.reconnects} retried on a new connection; "
+            f"slowest answer {tally.slowest[0]:.2f} s ({tally.slowest[1][:60]}); "
             f"set aside (known bad): {aside or 'none'}")
 
 
@@ -112,10 +113,10 @@ def test_fuzz_structured_mutations_of_real_reviews(server, client, long_run, fig
 def test_fuzz_hypothesis_reviews(server, client, long_run, figures):
     """Reviews drawn by hypothesis: plausible pods, DaemonSets and Namespaces with any JSON in
     any field, odd envelopes, now and then any JSON at all. Derandomized (the same bodies on
-    every run) unless --long, which draws 5 times as many, afresh."""
+    every run) unless --long, which draws 10 times as many, afresh."""
     workers, log = server.wait_for_workers(2), LogWindow(server)
     started = time.monotonic()
-    cases = fuzz.hypothesis_cases(HYPOTHESIS_EXAMPLES * (5 if long_run else 1),
+    cases = fuzz.hypothesis_cases(HYPOTHESIS_EXAMPLES * (10 if long_run else 1),
                                   derandomize=not long_run)
     drawn_s = time.monotonic() - started
     echo = "echo-amplification" not in fuzz.KNOWN_BAD
