@@ -186,19 +186,6 @@ FRAMING: dict[str, bytes] = {
     "content-length-shorter-than-body": HEAD + b"Content-Length: 2\r\n\r\n{}GARBAGE\r\n\r\n",
     "content-length-longer-than-body": HEAD + b"Content-Length: 100\r\n\r\n{}",
 }
-# Failing on main when the suite was written: gunicorn answers these itself, with its HTML 400
-# (or, for a body announced and never sent, holds the thread and answers nothing). The slow-
-# clients and framing work in app/server/worker.py fixes them; xfail(strict=False) until then.
-FRAMING_FAILING = {
-    "bad-chunk-size", "chunk-size-overflow", "chunk-without-crlf", "chunked-and-content-length",
-    "unknown-transfer-encoding", "bad-request-line", "binary-request-line",
-    "request-line-without-version", "bad-http-version", "lowercase-method", "space-in-path",
-    "request-line-too-long", "header-too-long", "too-many-headers", "header-without-colon",
-    "header-name-with-space", "nul-in-header", "obsolete-line-folding",
-    "content-length-not-a-number", "content-length-negative", "content-length-with-sign",
-    "content-length-list", "content-length-twice-different",
-    "content-length-shorter-than-body", "content-length-longer-than-body",
-}
 FRAMING_DEADLINE_S = 6.0  # the answer, or the close of a stalled connection, comes before
 
 
@@ -241,10 +228,7 @@ def exchange(server: Server, payload: bytes) -> tuple[bytes, float]:
     return data, float("inf")  # still open at the deadline
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(name, marks=pytest.mark.xfail(strict=False, reason="gunicorn's own answer to a "
-                                               "framing error (issue 11 items 1 and 3)"))
-    if name in FRAMING_FAILING else name for name in FRAMING])
+@pytest.mark.parametrize("name", FRAMING)
 def test_fuzz_framing_error(server, client, name, figures):
     """A request gunicorn cannot parse gets an AdmissionReview with a 4xx status (or, for a body
     never sent, a closed connection) before the deadline, and the workers live on."""
