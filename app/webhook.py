@@ -63,6 +63,8 @@ def flask_app(services: Services) -> Flask:
     """The Flask app serving the blueprint with ``services``."""
     app = Flask("poolkeeper")
     app.config["MAX_CONTENT_LENGTH"] = None  # checked in _judge, so the answer is a review
+    # /mutate//placement is an unknown path (a 404 review), not werkzeug's HTML 308 redirect
+    app.url_map.merge_slashes = False
     app.extensions[EXTENSION] = services
     app.register_blueprint(blueprint)
     return app
@@ -189,6 +191,9 @@ def readyz() -> Response:
 @blueprint.app_errorhandler(404)
 @blueprint.app_errorhandler(405)
 def not_routed(exc: HTTPException) -> Response:
+    if request.method == "POST" and request.path.startswith("/mutate"):  # a client of /mutate
+        return _error(404, f"no webhook path {quote(request.path)}: use /mutate or one of "
+                           + ", ".join(f"/mutate/{w}" for w in WEBHOOKS))
     return Response(orjson.dumps({"error": f"{request.method} {quote(request.path)}: {exc.name}",
                                   "endpoints": ENDPOINTS}),
                     exc.code, mimetype=JSON)
