@@ -51,6 +51,8 @@ from .rules import (
     Requirement,
     Rule,
 )
+from .rules.params import LABEL_VALUE_RE
+from .text import ECHO_LIMIT
 
 API_VERSION = "admissionregistration.k8s.io/v1"
 TARGETS = ("policies",)
@@ -138,6 +140,24 @@ def _plural(count: str, noun: str) -> str:
     """CEL for '<count> <noun>(s)', count an int expression."""
     return (f"string({count}) + ({count} == 1 ? {lit(' ' + noun)} : "
             f"{lit(' ' + noun + 's')})")
+
+
+def _quoted(expression: str) -> str:
+    """CEL for app.text.quote of a string: in double quotes, cut after ECHO_LIMIT characters,
+    backslashes and quotes escaped."""
+    cut = (f"({expression}.size() <= {ECHO_LIMIT} ? {expression} : "
+           f"{expression}.substring(0, {ECHO_LIMIT}) + '...')")
+    return (f"'\"' + {cut}.replace({lit(chr(92))}, {lit(chr(92) * 2)})"
+            f".replace('\"', {lit(chr(92) + chr(34))}) + '\"'")
+
+
+def _is_label_value(expression: str) -> str:
+    """CEL for app.rules.params.is_label_value (Python's '$' also matches before a final line
+    break, RE2's only at the end)."""
+    pattern = LABEL_VALUE_RE.pattern
+    assert pattern.endswith("$")
+    anchored = pattern[:-1] + "\\n?$"
+    return f"{expression}.size() <= 63 && {expression}.matches({lit(anchored)})"
 
 
 def _by_kind(values: Mapping[str, str]) -> str:
@@ -235,19 +255,25 @@ def _pool(rule: Rule) -> _Parts:
             'namespace "', namespace, f'" has no {ns_key} label and gets the default node pool "',
             pool, '"')),
         ("keyField", per_kind(lambda _, p: lit(describe((*p, "nodeSelector", key))))),
+        ("quotedValue", _quoted("variables.value")),
+        ("elsewhere", f"{_is_label_value('variables.value')} ? " + cat(
+            "to run on pool ", E("variables.quotedValue"),
+            f", use a namespace labelled {ns_key}=", value) + " : " + cat(
+            E("variables.quotedValue"), " is not a node pool name (a label value)")),
         ("otherPool", "variables.applies && variables.hasKey && variables.value != variables.pool"
-                      " ? " + cat(what, " ", E("variables.keyField"), ' is "', value, '", but ',
-                                  where, '. Remove that nodeSelector key (poolkeeper sets it) or '
-                                  'set it to "', pool, '"; to run on pool "', value,
-                                  f'", use a namespace labelled {ns_key}=', value) + " : ''"),
+                      " ? " + cat(what, " ", E("variables.keyField"), " is ",
+                                  E("variables.quotedValue"), ", but ", where,
+                                  ". Remove that nodeSelector key (poolkeeper sets it) or set it "
+                                  'to "', pool, '"; ', E("variables.elsewhere")) + " : ''"),
         ("nodeName", "variables.spec.?nodeName.orValue('')"),
+        ("quotedNodeName", _quoted("variables.nodeName")),
         ("nodeNameField", per_kind(lambda _, p: lit(describe((*p, "nodeName"))))),
         ("nodeNameSet", "variables.applies && variables.nodeName != '' && "
                         "(request.operation == 'CREATE' || !variables.isPod) ? " + cat(
-                            what, " sets ", E("variables.nodeNameField"), '="',
-                            E("variables.nodeName"), '", which bypasses the scheduler and so the '
-                            "node pool; ", where, ". Remove nodeName and let the scheduler place "
-                            'it on pool "', pool, '"') + " : ''"),
+                            what, " sets ", E("variables.nodeNameField"), "=",
+                            E("variables.quotedNodeName"), ", which bypasses the scheduler and so "
+                            "the node pool; ", where, ". Remove nodeName and let the scheduler "
+                            'place it on pool "', pool, '"') + " : ''"),
         ("terms", "variables.spec.?affinity.?nodeAffinity."
                   "?requiredDuringSchedulingIgnoredDuringExecution.?nodeSelectorTerms"
                   ".orValue([])"),
@@ -266,6 +292,14 @@ def _pool(rule: Rule) -> _Parts:
         ("selectorPath", per_kind(lambda _, p: lit(pointer((*p, "nodeSelector"))))),
     ]
     parts.conditions = _mirror_condition(kinds)
+    if "Pod" in kinds and "UPDATE" in rule.match.operations:
+        # As the placement webhook of deploy/base/webhook.yaml: a pod UPDATE can change placement
+        # only while the old pod has scheduling gates (the API server refuses nodeSelector and
+        # affinity changes of any other), so only those are judged.
+        parts.conditions.append((
+            "pod-update-can-change-placement",
+            "request.operation != 'UPDATE' || request.kind.kind != 'Pod' || "
+            "oldObject.spec.?schedulingGates.orValue([]).size() > 0"))
     if policy.default_pool is None:  # unlabelled namespaces are left alone: skip them early
         parts.namespace_expressions = [{"key": ns_key, "operator": "Exists"}]
     parts.mutations = [_json_patch(
@@ -398,7 +432,8 @@ def _namespace_labels(rule: Rule) -> _Parts:
     system = policy.system_id_label
     parts = _Parts(variables=[
         # At mutation the name is the request's or the object's; generateName has no name yet.
-        ("name", "request.name != '' ? request.name : object.metadata.?name.orValue('')"),
+        ("name", "request.?name.orValue('') != '' ? request.name : "
+                 "object.metadata.?name.orValue('')"),
         ("generateName", "object.metadata.?generateName.orValue('')"),
         ("systemId", "(variables.name != '' ? variables.name : variables.generateName)"
                      ".split('-')[0]"),
@@ -442,8 +477,8 @@ def _namespace_labels(rule: Rule) -> _Parts:
         ("checkedName", "object.metadata.?generateName.orValue('') == '' ? "
                         "object.metadata.?name.orValue('') : ''"),
         ("nameProblem", f"variables.checkedName != '' && !variables.checkedName.matches("
-                        f"{lit(pattern)}) ? " + cat("namespace name '", E("variables.checkedName"),
-                                                    f"' does not match {pattern}") + " : ''"),
+                        f"{lit(pattern)}) ? " + cat('namespace name "', E("variables.checkedName"),
+                                                    f'" does not match {pattern}') + " : ''"),
     ]
     if policy.name_pattern_enforcement == "enforce":
         parts.denials = ["variables.nameProblem == '' ? '' : variables.nameProblem + "

@@ -36,7 +36,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,6 +79,10 @@ SERVER_METADATA = ("uid", "creationTimestamp", "resourceVersion", "managedFields
 REFUSAL = re.compile(r"(?:admission webhook \"[^\"]+\" denied the request|"
                      r"ValidatingAdmissionPolicy '[^']+' with binding '[^']+' denied request): "
                      r"(?P<message>.*)$", re.S)
+# The admission objects each sentinel vouches for: loaded by one plugin, in the order written.
+FAMILIES = {"webhook": ("MutatingWebhookConfiguration",),
+            "map": ("MutatingAdmissionPolicy", "MutatingAdmissionPolicyBinding"),
+            "vap": ("ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding")}
 POLICY_WARNING = re.compile(r"^Validation failed for ValidatingAdmissionPolicy '[^']+' with "
                             r"binding '[^']+': ")
 
@@ -128,11 +132,13 @@ def _case_item(case: Case) -> Item:
 
 def _pod(name: str, namespace: str, *, labels: dict | None = None,
          selector: dict | None = None, limits: dict | None = None,
-         annotations: dict | None = None) -> dict:
+         annotations: dict | None = None, gated: bool = False) -> dict:
     container: dict = {"name": "app", "image": "busybox:1.36"}
     if limits:
         container["resources"] = {"limits": dict(limits)}
     spec: dict = {"containers": [container]}
+    if gated:
+        spec["schedulingGates"] = [{"name": "example.com/wait"}]
     if selector:
         spec["nodeSelector"] = dict(selector)
     metadata: dict = {"name": name, "namespace": namespace, "labels": dict(labels or {})}
@@ -178,12 +184,17 @@ SCENARIOS = [
     Item("scenario/mirror-pod-is-left-alone",
          _pod("static", "eq-pool1", limits={"cpu": "1"},
               annotations={"kubernetes.io/config.mirror": "0123456789abcdef"}), POOL1),
-    Item("scenario/pod-update-dropping-the-pool-key-gets-it-back",
-         _pod("stored-web", "eq-pool1", labels={"tier": "web"}), POOL1,
-         old=_pod("stored-web", "eq-pool1", selector={"agentpool": "pool1"})),
-    Item("scenario/pod-update-to-pool2-is-denied",
-         _pod("stored-mover", "eq-pool1", selector={"agentpool": "pool2"}), POOL1,
-         old=_pod("stored-mover", "eq-pool1", selector={"agentpool": "pool1"})),
+    Item("scenario/gated-pod-update-dropping-the-pool-key-gets-it-back",
+         _pod("stored-web", "eq-pool1", labels={"tier": "web"}, gated=True), POOL1,
+         old=_pod("stored-web", "eq-pool1", selector={"agentpool": "pool1"}, gated=True)),
+    Item("scenario/gated-pod-update-to-pool2-is-denied",
+         _pod("stored-mover", "eq-pool1", selector={"agentpool": "pool2"}, gated=True), POOL1,
+         old=_pod("stored-mover", "eq-pool1", selector={"agentpool": "pool1"}, gated=True)),
+    # Only a gated pod can change placement (kube-apiserver refuses it for any other; this one
+    # does not check pod specs): neither engine judges the UPDATE of an ungated pod.
+    Item("scenario/ungated-pod-update-is-not-judged",
+         _pod("stored-running", "eq-pool1", selector={"agentpool": "pool2"}), POOL1,
+         old=_pod("stored-running", "eq-pool1", selector={"agentpool": "pool1"})),
 ]
 
 
@@ -196,10 +207,11 @@ def collect_groups(tmp: Path) -> list[Group]:
         rule_yaml = case.path / "rule.yaml"
         if rule_yaml.exists():
             load_case_rule(case)  # fails here, not in the API server, when it is invalid
-            key, text = f"{case.id} (its rule.yaml)", rule_yaml.read_text()
+            text, where = rule_yaml.read_text(), f"{case.id}/rule.yaml"
         else:
-            key, text = f"{case.rule} (rules/)", shipped[case.rule]
-        group = groups.setdefault(key, Group(key, {f"{case.rule}.yaml": text}))
+            text, where = shipped[case.rule], f"rules/{case.rule}.yaml"
+        # Cases with the same rule file share a group: the first one names it.
+        group = groups.setdefault(text, Group(where, {f"{case.rule}.yaml": text}))
         group.items.append(_case_item(case))
     scenarios = Group("the shipped rule set", {f"{n}.yaml": t for n, t in shipped.items()},
                       list(SCENARIOS))
@@ -328,7 +340,7 @@ class Sentinels:
 
     def __init__(self, api: Api):
         self.api = api
-        self.token = ""
+        self.tokens: dict[str, str] = {}
         dead = free_port()  # nothing listens there: a call fails, and failurePolicy Fail says so
         self.objects = {
             "MutatingWebhookConfiguration": {
@@ -381,32 +393,35 @@ class Sentinels:
             self.api.create(obj)
         self.settle()
 
-    def settle(self) -> None:
-        """Give every sentinel a new token and wait until all three act with it."""
-        self.token = uuid.uuid4().hex[:12]
-        condition = [{"name": "token", "expression":
-                      f"object.metadata.?labels[?'pk-sentinel-token'].orValue('') == "
-                      f"'{self.token}'"}]
-        for kind, obj in self.objects.items():
-            if kind == "MutatingWebhookConfiguration":
-                webhook = {**obj["webhooks"][0],
-                           "objectSelector": {"matchLabels": {"pk-sentinel-webhook": self.token}}}
-                self.api.merge(obj, {"webhooks": [webhook]})
-            elif kind.endswith("Binding"):
-                (label,) = obj["spec"]["matchResources"]["objectSelector"]["matchLabels"]
-                self.api.merge(obj, {"spec": {"matchResources": {"objectSelector": {
-                    "matchLabels": {label: self.token}}}}})
-            else:
-                self.api.merge(obj, {"spec": {"matchConditions": condition}})
-        for which, acts in (("webhook", self._webhook_acts), ("map", self._map_acts),
-                            ("vap", self._vap_acts)):
-            wait_for(lambda which=which, acts=acts: acts(self._probe(which)),
-                     f"the sentinel {which} to act with token {self.token}")
+    def settle(self, families: Iterable[str] | None = None) -> None:
+        """Give the sentinels of ``families`` (webhook, map, vap; default all) a new token and
+        wait until they act with it."""
+        families = list(FAMILIES if families is None else families)
+        for which in families:
+            token = self.tokens[which] = uuid.uuid4().hex[:12]
+            for kind in FAMILIES[which]:
+                obj = self.objects[kind]
+                if kind == "MutatingWebhookConfiguration":
+                    webhook = {**obj["webhooks"][0], "objectSelector": {
+                        "matchLabels": {"pk-sentinel-webhook": token}}}
+                    self.api.merge(obj, {"webhooks": [webhook]})
+                elif kind.endswith("Binding"):
+                    self.api.merge(obj, {"spec": {"matchResources": {"objectSelector": {
+                        "matchLabels": {f"pk-sentinel-{which}": token}}}}})
+                else:
+                    self.api.merge(obj, {"spec": {"matchConditions": [{
+                        "name": "token", "expression": "object.metadata.?labels"
+                        f"[?'pk-sentinel-token'].orValue('') == '{token}'"}]}})
+        acts = {"webhook": self._webhook_acts, "map": self._map_acts, "vap": self._vap_acts}
+        for which in families:
+            wait_for(lambda which=which: acts[which](self._probe(which)),
+                     f"the sentinel {which} to act with token {self.tokens[which]}")
 
     def _probe(self, which: str) -> requests.Response:
-        labels = {f"pk-sentinel-{which}": self.token}
+        token = self.tokens[which]
+        labels = {f"pk-sentinel-{which}": token}
         if which != "webhook":
-            labels["pk-sentinel-token"] = self.token
+            labels["pk-sentinel-token"] = token
         body = {"apiVersion": "v1", "kind": "ConfigMap",
                 "metadata": {"name": f"pk-sentinel-{uuid.uuid4().hex[:8]}",
                              "namespace": "default", "labels": labels}}
@@ -450,18 +465,24 @@ class Engines:
     server: Server | None = None
     applied: list[dict] = field(default_factory=list)  # admission objects of the current phase
     current_rules: Path | None = None
+    _reloads_before: int = -1  # poolkeeper's reload count before the last swap, or -1
 
     def use_rules(self, group: Group) -> None:
-        """poolkeeper serves the group's rules (swapped in one rename; waits for the reload)."""
+        """Swap the group's rules in (one rename); poolkeeper reloads them within a second,
+        which :meth:`rules_loaded` waits for."""
         if self.current_rules == group.directory:
             return
-        before = self._reloads() if self.server is not None else 0
+        self._reloads_before = self._reloads() if self.server is not None else -1
         staged = self.work / "rules.next"
         staged.symlink_to(group.directory)
         os.replace(staged, self.rules_link)
         self.current_rules = group.directory
-        if self.server is not None:
-            wait_for(lambda: self._reloads() > before, f"poolkeeper to load {group.name}")
+
+    def rules_loaded(self) -> None:
+        if self._reloads_before >= 0:
+            before = self._reloads_before
+            wait_for(lambda: self._reloads() > before, f"poolkeeper to reload {self.rules_link}")
+            self._reloads_before = -1
 
     def _reloads(self) -> int:
         assert self.server is not None
@@ -482,8 +503,9 @@ class Engines:
             self.api.delete(obj)
         for obj in objects:
             self.api.create(obj)
+        changed = {o["kind"] for o in [*self.applied, *objects]}
         self.applied = list(objects)
-        self.sentinels.settle()
+        self.sentinels.settle({w for w, kinds in FAMILIES.items() if changed & set(kinds)})
 
     def webhook_for(self, group: Group) -> list[dict]:
         """deploy's webhook configuration as README "The webhooks" says to adapt it to the pool
@@ -650,6 +672,8 @@ def test_equivalence_webhook_and_exported_policies_answer_alike(engines: Engines
                 phases = ("webhook", "policies") if index % 2 else ("policies", "webhook")
                 for phase in phases:
                     assert group.export is not None
+                    if phase == "webhook":
+                        engines.rules_loaded()
                     engines.switch(engines.webhook_for(group) if phase == "webhook"
                                    else list(group.export.objects))
                     for item in group.items:
