@@ -81,6 +81,7 @@ class LeftOut:
 
     rule: str
     what: str
+    warning: str = ""  # when what is left out is a warning: how it starts (after "[rule] ")
 
     def __str__(self) -> str:
         return f"{self.rule}: {self.what}"
@@ -204,7 +205,7 @@ class _Parts:
     warnings: list[str] = field(default_factory=list)  # the rule's own warnings
     effects: list[str] = field(default_factory=list)  # what enforce would change, in words
     audit: list[tuple[str, str]] = field(default_factory=list)  # auditAnnotations
-    left_out: list[str] = field(default_factory=list)
+    left_out: list[tuple[str, str]] = field(default_factory=list)  # (what, warning it starts)
 
 
 def _json_patch(expression: str) -> dict:
@@ -410,8 +411,8 @@ def _remove_resource_limits(rule: Rule) -> _Parts:
     if rule.enforcement == "enforce":
         # A validating policy sees the pod after the limits are gone, so it cannot tell that the
         # pod was Guaranteed before; mutating policies cannot warn.
-        parts.left_out.append("the warning when a Guaranteed pod becomes Burstable (a validating "
-                              "policy sees only the pod without its limits)")
+        parts.left_out.append(("the warning when a Guaranteed pod becomes Burstable (a validating "
+                               "policy sees only the pod without its limits)", _QOS_WARNING))
         return parts
     same = ("(r in " + requests + " ? (" + requests + "[r] == " + limits + "[r] || (isQuantity("
             + requests + "[r]) && isQuantity(" + limits + "[r]) && quantity(" + requests +
@@ -421,9 +422,11 @@ def _remove_resource_limits(rule: Rule) -> _Parts:
                       f"['cpu', 'memory'].all(r, r in {limits} && {same}))"))
     parts.warnings = [
         f"variables.guaranteed && variables.containers.exists(c, {lits(qos)}.exists(r, r in "
-        f"{limits})) ? " + lit(f"QoS class changes from Guaranteed to Burstable: {names} limits "
-                               "removed") + " : ''"]
+        f"{limits})) ? " + lit(f"{_QOS_WARNING}: {names} limits removed") + " : ''"]
     return parts
+
+
+_QOS_WARNING = "QoS class changes from Guaranteed to Burstable"  # app/rules/limits.py's
 
 
 def _namespace_labels(rule: Rule) -> _Parts:
@@ -708,7 +711,7 @@ def export_policies(rules: Sequence[Rule]) -> Export:
             left_out.append(LeftOut(rule.name, f"the whole rule: {exc}"))
             continue
         objects += _rule_objects(rule, parts)
-        left_out += [LeftOut(rule.name, what) for what in parts.left_out]
+        left_out += [LeftOut(rule.name, what, warning) for what, warning in parts.left_out]
         exported.append(rule.name)
     return Export(tuple(objects), tuple(left_out), tuple(exported))
 

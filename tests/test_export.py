@@ -269,7 +269,8 @@ def test_export_of_resource_limits_removes_escaped_names_unless_kept(tmp_path):
     assert conditions["no-keep-annotation"] == \
         "object.metadata.?annotations[?'example.com/keep'].orValue('') != 'true'"
     assert export_policies([rule]).left_out == (LeftOut(
-        "remove-cpu-limits", SHIPPED_LEFT_OUT.split(": ", 1)[1]),)
+        "remove-cpu-limits", SHIPPED_LEFT_OUT.split(": ", 1)[1],
+        "QoS class changes from Guaranteed to Burstable"),)
 
 
 def test_export_of_resource_limits_warns_of_qos_in_warn_mode(tmp_path):
@@ -383,3 +384,23 @@ def test_export_objects_are_valid_kubernetes_1_36(path: Path):
     assert rule is not None, problems
     for obj in export_policies([rule]).objects:
         kubernetes_validate.validate(obj, "1.36.0", strict=True)
+
+
+def test_export_of_a_pool_rule_for_pod_creation_only_needs_no_kind_choice(tmp_path):
+    rule = rule_from(tmp_path, shipped("agentpool-node-selector", match={
+        "kinds": ["Pod"], "operations": ["CREATE"], "excludedNamespaces": [],
+        "objectSelector": {"matchExpressions": [{"key": "team", "operator": "Exists"}]}}))
+    policy, *_ = export_policies([rule]).objects
+    spec = policy["spec"]
+    variables = {v["name"]: v["expression"] for v in spec["variables"]}
+
+    assert variables["spec"] == "object.spec"
+    assert variables["selectorPath"] == "'/spec/nodeSelector'"
+    assert spec["matchConstraints"]["resourceRules"] == [
+        {"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"]}]
+    assert spec["matchConstraints"]["namespaceSelector"] == {
+        "matchExpressions": [{"key": "agentpool", "operator": "Exists"}]}
+    assert spec["matchConditions"] == [
+        {"name": "not-a-mirror-pod", "expression": "!(request.kind.kind == 'Pod' && "
+         "'kubernetes.io/config.mirror' in object.metadata.?annotations.orValue({}))"},
+        {"name": "object-selector", "expression": "'team' in object.metadata.?labels.orValue({})"}]
