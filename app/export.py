@@ -39,8 +39,8 @@ from typing import Any
 
 import yaml
 
-from .admission import DENIAL_CODE, MAX_WARNING
-from .kinds import OBJECT_KINDS
+from .admission import DENIAL_CODE, MAX_WARNING, MAX_WARNING_WITH_URL
+from .kinds import OBJECT_KINDS, POD_CONTROLLERS, template_path
 from .patching import Path, describe, escape, pointer
 from .rules import (
     MIRROR_POD_ANNOTATION,
@@ -52,6 +52,7 @@ from .rules import (
     Rule,
 )
 from .rules.params import LABEL_VALUE_RE
+from .rules.pool import PINNED_TEMPLATES
 from .text import ECHO_LIMIT
 
 API_VERSION = "admissionregistration.k8s.io/v1"
@@ -62,11 +63,16 @@ FORMATS = ("yaml", "json")
 RESOURCES = {"Pod": ("v1", "pods"), "DaemonSet": ("v1", "daemonsets"),
              "Namespace": ("v1", "namespaces"), "Deployment": ("v1", "deployments"),
              "StatefulSet": ("v1", "statefulsets"), "ReplicaSet": ("v1", "replicasets"),
+             "ReplicationController": ("v1", "replicationcontrollers"),
              "Job": ("v1", "jobs"), "CronJob": ("v1", "cronjobs")}
-# failurePolicy of each webhook in deploy/base/webhook.yaml, kept for the rules it serves: the
-# pool rule fails closed, the defaults and namespace labels fail open. For a policy it decides
-# what a CEL error (or a missing binding parameter) does.
-FAILURE_POLICIES = {"placement": "Fail", "defaults": "Ignore", "namespaces": "Ignore"}
+# deploy/base/webhook.yaml's routing, which the policies keep: placement gets pods and DaemonSets
+# and fails closed; defaults (pods) and namespaces fail open; the workloads webhook (/mutate, every
+# rule) gets the other pod controllers and fails open: the pool rule judges their templates and
+# pod rules warn what their pods will get. For a policy failurePolicy decides what a CEL error
+# (or a missing binding parameter) does.
+WORKLOADS = tuple(k for k in POD_CONTROLLERS if k not in PINNED_TEMPLATES)
+FAILURE_POLICIES = {"placement": "Fail", "defaults": "Ignore", "namespaces": "Ignore",
+                    "workloads": "Ignore"}
 # The reason the API server reports (and whose HTTP status it answers) for a denial.
 _REASONS = {400: "BadRequest", 403: "Forbidden", 404: "NotFound", 409: "Conflict",
             422: "Invalid"}
@@ -81,7 +87,7 @@ class LeftOut:
 
     rule: str
     what: str
-    warning: str = ""  # when what is left out is a warning: how it starts (after "[rule] ")
+    warnings: tuple[str, ...] = ()  # when warnings are left out: how they start (after "[rule] ")
 
     def __str__(self) -> str:
         return f"{self.rule}: {self.what}"
@@ -163,13 +169,16 @@ def _is_label_value(expression: str) -> str:
 
 def _by_kind(values: Mapping[str, str]) -> str:
     """A CEL expression choosing by the request's kind among ``values`` (kind -> CEL)."""
-    items = list(values.items())
-    if len(items) == 1:
-        return items[0][1]
-    expression = items[-1][1]
-    for kind, value in reversed(items[:-1]):
-        expression = f"request.kind.kind == {lit(kind)} ? {value} : {expression}"
-    return expression
+    kinds_of: dict[str, list[str]] = {}
+    for kind, value in values.items():
+        kinds_of.setdefault(value, []).append(kind)
+    choices = sorted(kinds_of.items(), key=lambda item: len(item[1]))  # the commonest last
+    expression = choices[-1][0]
+    for value, kinds in reversed(choices[:-1]):
+        test = (f"request.kind.kind == {lit(kinds[0])}" if len(kinds) == 1
+                else f"request.kind.kind in {lits(kinds)}")
+        expression = f"{test} ? {value} : {expression}"
+    return expression if len(choices) == 1 else f"({expression})"
 
 
 def _requirement_cel(requirement: Requirement, labels: str) -> str:
@@ -197,6 +206,7 @@ class _Parts:
     """A rule kind's policy pieces; every text is a CEL string expression that is '' when there
     is nothing to say."""
 
+    root: str = "object"  # the pod the rule judges: the object, or a controller's template
     variables: list[tuple[str, str]] = field(default_factory=list)
     conditions: list[tuple[str, str]] = field(default_factory=list)  # matchConditions
     namespace_expressions: list[dict] = field(default_factory=list)  # extra namespaceSelector
@@ -205,7 +215,8 @@ class _Parts:
     warnings: list[str] = field(default_factory=list)  # the rule's own warnings
     effects: list[str] = field(default_factory=list)  # what enforce would change, in words
     audit: list[tuple[str, str]] = field(default_factory=list)  # auditAnnotations
-    left_out: list[tuple[str, str]] = field(default_factory=list)  # (what, warning it starts)
+    # what cannot be expressed, and how the warnings it is start (after "[rule] ")
+    left_out: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
 
 
 def _json_patch(expression: str) -> dict:
@@ -216,10 +227,13 @@ def _apply_configuration(expression: str) -> dict:
     return {"patchType": "ApplyConfiguration", "applyConfiguration": {"expression": expression}}
 
 
-def _pool(rule: Rule) -> _Parts:
+def _path(root: str, path: Path) -> str:
+    return root + "".join(f".{token}" for token in path)
+
+
+def _pool(rule: Rule, kinds: Sequence[str], root: str) -> _Parts:
     policy = rule.policy
     assert isinstance(policy, PoolPlacement)
-    kinds = sorted(k for _, k in rule.match.kinds)
     spec_paths: dict[str, Path] = {}
     for kind in kinds:
         spec_path = OBJECT_KINDS[kind].pod_spec
@@ -233,22 +247,39 @@ def _pool(rule: Rule) -> _Parts:
     what = E("variables.what")
     pool, value, where = E("variables.pool"), E("variables.value"), E("variables.where")
     namespace = E("request.namespace")
+    terms = ("affinity", "nodeAffinity", "requiredDuringSchedulingIgnoredDuringExecution",
+             "nodeSelectorTerms")
+    optional_terms = "".join(f".?{t}" for t in terms)
     parts = _Parts()
     parts.variables = [
         ("isPod", "request.kind.kind == 'Pod'"),
-        ("spec", per_kind(lambda _, p: "object." + ".".join(str(t) for t in p))),
+        # templates that are pinned (patched): app.rules.pool.PINNED_TEMPLATES
+        ("pinned", f"request.kind.kind in {lits(PINNED_TEMPLATES)}"),
+        ("update", "request.operation == 'UPDATE' && oldObject != null"),
+        ("podUpdate", "variables.isPod && variables.update"),
+        ("spec", per_kind(lambda _, p: _path("object", p))),
+        ("oldSpec", per_kind(lambda _, p: _path("oldObject", p))),
         ("what", per_kind(lambda k, _: lit("pod" if k == "Pod" else f"{k} pod template"))),
         ("nsPool", f"namespaceObject.metadata.?labels.orValue({{}})[?{lit(ns_key)}]"
                    ".orValue('')"),
         # An empty label value counts as no label, as in the webhook.
         ("pool", f"variables.nsPool != '' ? variables.nsPool : {lit(policy.default_pool or '')}"),
         ("selector", "variables.spec.?nodeSelector.orValue({})"),
+        ("oldSelector", "variables.update ? variables.oldSpec.?nodeSelector.orValue({}) : {}"),
         ("hasKey", f"{lit(key)} in variables.selector"),
         ("value", f"variables.selector[?{lit(key)}].orValue('')"),
-        # Pod UPDATE: only a change of the pool key is judged (the scheduling-gate case).
-        ("judged", "!(variables.isPod && request.operation == 'UPDATE') || "
-                   f"variables.selector[?{lit(key)}] != "
-                   f"oldObject.spec.?nodeSelector.orValue({{}})[?{lit(key)}]"),
+        ("sameKey", f"variables.selector[?{lit(key)}] == variables.oldSelector[?{lit(key)}]"),
+        ("gated", "variables.podUpdate && "
+                  "variables.oldSpec.?schedulingGates.orValue([]).size() > 0"),
+        ("terms", f"variables.spec{optional_terms}.orValue([])"),
+        ("oldTerms", f"variables.update ? variables.oldSpec{optional_terms}.orValue([]) : []"),
+        ("nodeName", "variables.spec.?nodeName.orValue('')"),
+        ("samePlacement", "variables.terms == variables.oldTerms && variables.nodeName == "
+                          "variables.oldSpec.?nodeName.orValue('')"),
+        # UPDATE: only a change of placement is judged, except of pinned templates and of gated
+        # pods (the only pods whose placement may still change)
+        ("judged", "!(variables.update && !variables.pinned && !variables.gated && "
+                   "variables.sameKey && (variables.isPod || variables.samePlacement))"),
         ("applies", "variables.pool != '' && variables.judged"),
         ("where", "variables.nsPool != '' ? " + cat(
             'namespace "', namespace, '" is pinned to node pool "', pool,
@@ -261,35 +292,30 @@ def _pool(rule: Rule) -> _Parts:
             "to run on pool ", E("variables.quotedValue"),
             f", use a namespace labelled {ns_key}=", value) + " : " + cat(
             E("variables.quotedValue"), " is not a node pool name (a label value)")),
+        # a pod UPDATE judges only a key that changes: one set before pooling stays
         ("otherPool", "variables.applies && variables.hasKey && variables.value != variables.pool"
-                      " ? " + cat(what, " ", E("variables.keyField"), " is ",
-                                  E("variables.quotedValue"), ", but ", where,
-                                  ". Remove that nodeSelector key (poolkeeper sets it) or set it "
-                                  'to "', pool, '"; ', E("variables.elsewhere")) + " : ''"),
-        ("nodeName", "variables.spec.?nodeName.orValue('')"),
+                      " && !(variables.podUpdate && variables.sameKey) ? " +
+                      cat(what, " ", E("variables.keyField"), " is ", E("variables.quotedValue"),
+                          ", but ", where, ". Remove that nodeSelector key (poolkeeper sets it) "
+                          'or set it to "', pool, '"; ', E("variables.elsewhere")) + " : ''"),
         ("quotedNodeName", _quoted("variables.nodeName")),
         ("nodeNameField", per_kind(lambda _, p: lit(describe((*p, "nodeName"))))),
-        ("nodeNameSet", "variables.applies && variables.nodeName != '' && "
-                        "(request.operation == 'CREATE' || !variables.isPod) ? " + cat(
-                            what, " sets ", E("variables.nodeNameField"), "=",
-                            E("variables.quotedNodeName"), ", which bypasses the scheduler and so "
-                            "the node pool; ", where, ". Remove nodeName and let the scheduler "
-                            'place it on pool "', pool, '"') + " : ''"),
-        ("terms", "variables.spec.?affinity.?nodeAffinity."
-                  "?requiredDuringSchedulingIgnoredDuringExecution.?nodeSelectorTerms"
-                  ".orValue([])"),
-        ("termsField", per_kind(lambda _, p: lit(describe(
-            (*p, "affinity", "nodeAffinity", "requiredDuringSchedulingIgnoredDuringExecution",
-             "nodeSelectorTerms"))))),
-        ("affinity", "variables.applies && variables.terms.size() > 0 && "
+        ("nodeNameSet", "variables.applies && variables.nodeName != '' && !variables.podUpdate ? "
+                        + cat(what, " sets ", E("variables.nodeNameField"), "=",
+                              E("variables.quotedNodeName"), ", which bypasses the scheduler "
+                              "and so the node pool; ", where, ". Remove nodeName and let the "
+                              'scheduler place it on pool "', pool, '"') + " : ''"),
+        ("termsField", per_kind(lambda _, p: lit(describe((*p, *terms))))),
+        ("affinity", "variables.applies && (!variables.podUpdate || variables.terms != "
+                     "variables.oldTerms) && variables.terms.size() > 0 && "
                      f"!variables.terms.exists(t, {_term_admits(key)}) ? " + cat(
                          what, " requires node affinity (", E("variables.termsField"),
                          f") that no node with {key}=", pool, " can satisfy, but ", where,
                          f", so it could never be scheduled. Allow {key}=", pool,
                          " in at least one term, or drop the term") + " : ''"),
-        # The webhook patches only what it does not deny.
-        ("mutate", "variables.applies && !variables.hasKey && variables.nodeNameSet == '' && "
-                   "variables.affinity == ''"),
+        # The webhook patches only what it does not deny, and of templates only pinned ones.
+        ("mutate", "variables.applies && !variables.hasKey && (variables.isPod || "
+                   "variables.pinned) && variables.nodeNameSet == '' && variables.affinity == ''"),
         ("selectorPath", per_kind(lambda _, p: lit(pointer((*p, "nodeSelector"))))),
     ]
     parts.conditions = _mirror_condition(kinds)
@@ -303,18 +329,21 @@ def _pool(rule: Rule) -> _Parts:
             "oldObject.spec.?schedulingGates.orValue([]).size() > 0"))
     if policy.default_pool is None:  # unlabelled namespaces are left alone: skip them early
         parts.namespace_expressions = [{"key": ns_key, "operator": "Exists"}]
+    parts.denials = ["variables.otherPool", "variables.nodeNameSet", "variables.affinity"]
+    if not any(k == "Pod" or k in PINNED_TEMPLATES for k in kinds):
+        return parts  # templates judged, never patched: nothing to mutate or annotate
     parts.mutations = [_json_patch(
         "!variables.mutate ? [] : variables.spec.?nodeSelector.hasValue() ? "
         f"[JSONPatch{{op: 'add', path: variables.selectorPath + {lit('/' + escape(key))}, "
         "value: variables.pool}] : "
         f"[JSONPatch{{op: 'add', path: variables.selectorPath, value: {{{lit(key)}: "
         "variables.pool}}]")]
-    parts.denials = ["variables.otherPool", "variables.nodeNameSet", "variables.affinity"]
     parts.effects = ["variables.mutate ? " + cat(f"set nodeSelector {key}=", pool) + " : ''"]
     # The webhook sends auditAnnotations only with a patch; a validating policy cannot tell a pod
     # pinned here from one that pinned itself, so it annotates every pod that ends up in the pool.
-    parts.audit = [("pool", "variables.applies && variables.hasKey && "
-                            "variables.value == variables.pool ? variables.pool : ''")]
+    parts.audit = [("pool", "variables.applies && (variables.isPod || variables.pinned) && "
+                            "variables.hasKey && variables.value == variables.pool ? "
+                            "variables.pool : ''")]
     return parts
 
 
@@ -348,15 +377,15 @@ def _mirror_condition(kinds: Iterable[str]) -> list[tuple[str, str]]:
 _FIELDS = ("initContainers", "containers")  # app.rules.base.pod_containers, in its order
 
 
-def _image_pull_policy(rule: Rule) -> _Parts:
+def _image_pull_policy(rule: Rule, kinds: Sequence[str], root: str) -> _Parts:
     policy = rule.policy
     assert isinstance(policy, ImagePullPolicy)
     wanted = lit(policy.policy)
-    parts = _Parts(conditions=_mirror_condition(k for _, k in rule.match.kinds))
+    parts = _Parts(root=root, conditions=_mirror_condition(kinds) if root == "object" else [])
     for field_name in _FIELDS:
         parts.variables.append((
             f"stale{field_name[0].upper()}{field_name[1:]}",
-            f"object.spec.?{field_name}.orValue([])"
+            f"{root}.spec.?{field_name}.orValue([])"
             f".filter(c, c.?imagePullPolicy.orValue('') != {wanted})"))
     parts.variables.append(("changed", "variables.staleInitContainers.size() + "
                                        "variables.staleContainers.size()"))
@@ -364,28 +393,33 @@ def _image_pull_policy(rule: Rule) -> _Parts:
     merged = ", ".join(
         f"{f}: variables.stale{f[0].upper()}{f[1:]}.map(c, "
         f"Object.spec.{f}{{name: c.name, imagePullPolicy: {wanted}}})" for f in _FIELDS)
-    parts.mutations = [_apply_configuration(
-        f"variables.changed == 0 ? Object{{}} : Object{{spec: Object.spec{{{merged}}}}}")]
+    if root == "object":
+        parts.mutations = [_apply_configuration(
+            f"variables.changed == 0 ? Object{{}} : Object{{spec: Object.spec{{{merged}}}}}")]
     parts.effects = ["variables.changed == 0 ? '' : " + lit(f"set imagePullPolicy={policy.policy} "
                                                            "on ") +
                      " + " + _plural("variables.changed", "container")]
     return parts
 
 
-def _remove_resource_limits(rule: Rule) -> _Parts:
+_QOS_WARNING = "QoS class changes from Guaranteed to Burstable"  # app/rules/limits.py's
+
+
+def _remove_resource_limits(rule: Rule, kinds: Sequence[str], root: str) -> _Parts:
     policy = rule.policy
     assert isinstance(policy, RemoveResourceLimits)
     resources = lits(policy.resources)
-    parts = _Parts(conditions=[
-        *_mirror_condition(k for _, k in rule.match.kinds),
-        ("no-keep-annotation",
-         f"object.metadata.?annotations[?{lit(policy.keep_annotation)}].orValue('') != 'true'")])
+    parts = _Parts(root=root, conditions=[
+        *(_mirror_condition(kinds) if root == "object" else []),
+        ("no-keep-annotation", f"{root}.metadata.?annotations[?{lit(policy.keep_annotation)}]"
+                               ".orValue('') != 'true'")])
     limits, requests = "c.?resources.?limits.orValue({})", "c.?resources.?requests.orValue({})"
     # limits goes whole when every limit it holds is one to remove (limits.py, all_of_them)
     every = f"{resources}.filter(r, r in {limits}).size() == {limits}.size()"
     patches = []
     for field_name in _FIELDS:
         items = f"object.spec.?{field_name}.orValue([])"
+
         def path(suffix: str, field_name: str = field_name) -> str:
             return (lit(f"/spec/{field_name}/") + " + string(i) + " +
                     lit("/resources/limits" + suffix))
@@ -397,22 +431,27 @@ def _remove_resource_limits(rule: Rule) -> _Parts:
                 f"{items}.transformList(i, c, {lit(resource)} in {limits} && !({every}), "
                 f"JSONPatch{{op: 'remove', path: {path('/' + escape(resource))}}})")
     parts.variables = [
-        ("containers", " + ".join(f"object.spec.?{f}.orValue([])" for f in _FIELDS)),
+        ("containers", " + ".join(f"{root}.spec.?{f}.orValue([])" for f in _FIELDS)),
         ("removing", f"variables.containers.filter(c, {resources}.exists(r, r in {limits}))"
                      ".size()"),
     ]
-    parts.mutations = [_json_patch(" +\n".join(patches))]
+    if root == "object":
+        parts.mutations = [_json_patch(" +\n".join(patches))]
     names = "/".join(policy.resources)
     parts.effects = ["variables.removing == 0 ? '' : " + lit(f"remove {names} limits from ") +
                      " + " + _plural("variables.removing", "container")]
+    # The warnings about what the removal does: a validating policy sees the pod only after the
+    # limits are gone (it cannot tell which were removed), and mutating policies cannot warn.
+    removed = "a validating policy sees only the pod without its limits"
+    parts.left_out.append(("the warnings about downward API references (env resourceFieldRef, "
+                           f"downwardAPI volumes) to a removed limit ({removed} in enforce mode; "
+                           "not written for warn mode)", ("container ", "volume ", "and ")))
     qos = [r for r in policy.resources if r in ("cpu", "memory")]
     if not qos:
         return parts
     if rule.enforcement == "enforce":
-        # A validating policy sees the pod after the limits are gone, so it cannot tell that the
-        # pod was Guaranteed before; mutating policies cannot warn.
-        parts.left_out.append(("the warning when a Guaranteed pod becomes Burstable (a validating "
-                               "policy sees only the pod without its limits)", _QOS_WARNING))
+        parts.left_out.append((f"the warning when a Guaranteed pod becomes Burstable ({removed})",
+                               (_QOS_WARNING,)))
         return parts
     same = ("(r in " + requests + " ? (" + requests + "[r] == " + limits + "[r] || (isQuantity("
             + requests + "[r]) && isQuantity(" + limits + "[r]) && quantity(" + requests +
@@ -421,15 +460,13 @@ def _remove_resource_limits(rule: Rule) -> _Parts:
         "guaranteed", "variables.containers.size() > 0 && variables.containers.all(c, "
                       f"['cpu', 'memory'].all(r, r in {limits} && {same}))"))
     parts.warnings = [
-        f"variables.guaranteed && variables.containers.exists(c, {lits(qos)}.exists(r, r in "
-        f"{limits})) ? " + lit(f"{_QOS_WARNING}: {names} limits removed") + " : ''"]
+        f"variables.removing > 0 && variables.guaranteed && variables.containers.exists(c, "
+        f"{lits(qos)}.exists(r, r in {limits})) ? " +
+        lit(f"{_QOS_WARNING}: {names} limits removed") + " : ''"]
     return parts
 
 
-_QOS_WARNING = "QoS class changes from Guaranteed to Burstable"  # app/rules/limits.py's
-
-
-def _namespace_labels(rule: Rule) -> _Parts:
+def _namespace_labels(rule: Rule, kinds: Sequence[str], root: str) -> _Parts:
     policy = rule.policy
     assert isinstance(policy, NamespaceLabels)
     system = policy.system_id_label
@@ -491,7 +528,7 @@ def _namespace_labels(rule: Rule) -> _Parts:
     return parts
 
 
-_EXPORTERS: dict[str, Callable[[Rule], _Parts]] = {
+_EXPORTERS: dict[str, Callable[[Rule, Sequence[str], str], _Parts]] = {
     "PoolPlacement": _pool,
     "ImagePullPolicy": _image_pull_policy,
     "RemoveResourceLimits": _remove_resource_limits,
@@ -572,13 +609,42 @@ def _referenced(variables: Sequence[tuple[str, str]], expressions: Iterable[str]
     return [{"name": n, "expression": e} for n, e in variables if n in wanted]
 
 
-def _match_constraints(rule: Rule, parts: _Parts) -> dict:
-    operations = [op for op in ("CREATE", "UPDATE") if op in rule.match.operations]
+@dataclass(frozen=True)
+class _Served:
+    """The kinds of a rule one set of policies covers, as one webhook of deploy/ serves them."""
+
+    suffix: str  # of the policies' names
+    kinds: tuple[str, ...]
+    operations: tuple[str, ...]
+    failure_policy: str
+    templates: bool = False  # a pod rule on pod controllers: warns what their pods will get
+
+
+def _served(rule: Rule) -> list[_Served]:
+    operations = tuple(op for op in ("CREATE", "UPDATE") if op in rule.match.operations)
+    kinds = [k for _, k in sorted(rule.match.kinds)]  # core group first, as rules/ lists them
+    own = tuple(k for k in kinds if k not in WORKLOADS)
+    workloads = tuple(k for k in kinds if k in WORKLOADS)
+    served = []
+    if own:
+        served.append(_Served("", own, operations, FAILURE_POLICIES[rule.webhook]))
+    if workloads:
+        served.append(_Served("-workloads", workloads, operations, FAILURE_POLICIES["workloads"]))
+    if (rule.policy.ON_TEMPLATES == "warn" and rule.template_warnings and "Pod" in kinds
+            and "CREATE" in operations):
+        # app.admission: the rule runs on the template as on a pod CREATE, changes nothing and
+        # warns; the workloads webhook gets these kinds' CREATEs and UPDATEs.
+        served.append(_Served("-templates", WORKLOADS, ("CREATE", "UPDATE"),
+                              FAILURE_POLICIES["workloads"], templates=True))
+    return served
+
+
+def _match_constraints(rule: Rule, parts: _Parts, served: _Served) -> dict:
     resource_rules = []
-    for group, kind in sorted(rule.match.kinds):
+    for kind in served.kinds:
         version, resource = RESOURCES[kind]
-        resource_rules.append({"apiGroups": [group], "apiVersions": [version],
-                               "operations": operations, "resources": [resource]})
+        resource_rules.append({"apiGroups": [OBJECT_KINDS[kind].group], "apiVersions": [version],
+                               "operations": list(served.operations), "resources": [resource]})
     constraints: dict[str, Any] = {"resourceRules": resource_rules}
     # The API server matches a namespace selector against the namespace's labels, and for a
     # Namespace against its own: what the webhook's Match does. Excluded namespaces by name.
@@ -597,8 +663,9 @@ def _conditions(rule: Rule, parts: _Parts) -> list[dict]:
     conditions = list(parts.conditions)
     if rule.match.object_selector and rule.match.object_selector.requirements:
         # As a condition, not an objectSelector: the API server's objectSelector also matches
-        # when only the old object does, the webhook's only on the new one.
-        labels = "object.metadata.?labels.orValue({})"
+        # when only the old object does, the webhook's only on the new one (and a template's
+        # labels are not the object's).
+        labels = f"{parts.root}.metadata.?labels.orValue({{}})"
         conditions.append(("object-selector", " && ".join(
             _requirement_cel(r, labels) for r in rule.match.object_selector.requirements)))
     return [{"name": n, "expression": e} for n, e in conditions]
@@ -608,13 +675,13 @@ def _metadata(name: str, rule: Rule) -> dict:
     return {"name": name, "annotations": {RULE_ANNOTATION: rule.name}}
 
 
-def _policy(kind: str, name: str, rule: Rule, parts: _Parts, spec: dict,
+def _policy(kind: str, name: str, rule: Rule, parts: _Parts, served: _Served, spec: dict,
             expressions: Iterable[str]) -> dict:
     expressions = list(expressions)
     conditions = _conditions(rule, parts)
     variables = _referenced(parts.variables, expressions)
-    full: dict[str, Any] = {"failurePolicy": FAILURE_POLICIES[rule.webhook],
-                            "matchConstraints": _match_constraints(rule, parts)}
+    full: dict[str, Any] = {"failurePolicy": served.failure_policy,
+                            "matchConstraints": _match_constraints(rule, parts, served)}
     if conditions:
         full["matchConditions"] = conditions
     if variables:
@@ -632,41 +699,65 @@ def _binding(kind: str, name: str, rule: Rule, actions: Sequence[str] | None = N
             "metadata": _metadata(name, rule), "spec": spec}
 
 
-def _warning_validations(rule: Rule, texts: Sequence[tuple[str, str]]) \
-        -> tuple[list[tuple[str, str]], list[dict]]:
-    """One validation per warning: (static prefix, CEL text); the webhook's '[rule] ' prefix and
-    its truncation at MAX_WARNING characters (app.admission.warning)."""
+def _see(rule: Rule) -> str:
+    return f" + {lit('. See ' + rule.docs_url)}" if rule.docs_url else ""
+
+
+def _warning_validations(rule: Rule, texts: Sequence[str]) -> tuple[list[tuple[str, str]],
+                                                                     list[dict]]:
+    """One validation per warning text (CEL, '' for none): the webhook's "[rule] " prefix, its
+    cut at MAX_WARNING characters and the docsURL after it (app.admission.warning)."""
     variables, validations = [], []
-    for index, (prefix, text) in enumerate(texts):
-        name = f"warning{index}"
-        head = f"[{rule.name}] {prefix}"
-        room = MAX_WARNING - len(head)
+    head = f"[{rule.name}] "
+    room = MAX_WARNING - len(head)
+    for index, text in enumerate(texts):
+        name, cut = f"warning{index}", f"message{index}"
         variables.append((name, text))
-        validations.append({
-            "expression": f"variables.{name} == ''",
-            "messageExpression": f"variables.{name}.size() < {room} ? {lit(head)} + "
-                                 f"variables.{name} : {lit(head)} + variables.{name}"
-                                 f".substring(0, {room - 4}) + '...'"})
+        variables.append((cut, f"variables.{name}.size() < {room} ? {lit(head)} + variables.{name}"
+                               f" : {lit(head)} + variables.{name}.substring(0, {room - 4}) + "
+                               "'...'"))
+        message = f"variables.{cut}"
+        if rule.docs_url:
+            url = rule.docs_url
+            see = (f"({message}.endsWith('.') ? {lit(' See ' + url)} : "
+                   f"{lit('. See ' + url)})")
+            if MAX_WARNING + len(url) + 6 <= MAX_WARNING_WITH_URL:  # always fits
+                message = f"{message} + {see}"
+            else:
+                message = (f"{message}.size() + {len(url) + 6} <= {MAX_WARNING_WITH_URL} ? "
+                           f"{message} + {see} : {message}")
+        validations.append({"expression": f"variables.{name} == ''",
+                            "messageExpression": message})
     return variables, validations
 
 
-def _rule_objects(rule: Rule, parts: _Parts) -> list[dict]:
-    name = f"poolkeeper-{rule.name}"
+def _would(prefix: str, text: str) -> str:
+    return f"({text}) == '' ? '' : {lit(prefix)} + ({text})"
+
+
+def _objects(rule: Rule, parts: _Parts, served: _Served) -> list[dict]:
+    name = f"poolkeeper-{rule.name}{served.suffix}"
     objects = []
-    if rule.enforcement == "enforce":
-        warnings = [("", w) for w in parts.warnings]
+    if served.templates:
+        # app.admission._template_warning: "pods of this <kind> will get: <effects>"
+        parts = dataclasses.replace(parts, variables=[
+            *parts.variables, ("effects", "[" + ", ".join(parts.effects) + "].filter(e, e != '')")])
+        warnings = ["variables.effects.size() == 0 ? '' : 'pods of this ' + request.kind.kind + "
+                    "' will get: ' + variables.effects.join('; ')"]
+    elif rule.enforcement == "enforce":
+        warnings = list(parts.warnings)
         if parts.mutations:
             texts = [m.get("jsonPatch", m.get("applyConfiguration", {}))["expression"]
                      for m in parts.mutations]
-            objects.append(_policy("MutatingAdmissionPolicy", name, rule, parts,
+            objects.append(_policy("MutatingAdmissionPolicy", name, rule, parts, served,
                                    {"reinvocationPolicy": "IfNeeded",
                                     "mutations": parts.mutations}, texts))
             objects.append(_binding("MutatingAdmissionPolicy", name, rule))
         if parts.denials:
             denials = ("[" + ", ".join(parts.denials) + "].filter(d, d != '')")
-            prefix = lit(f"[{rule.name}] ")
             validation = {"expression": f"{denials}.size() == 0",
-                          "messageExpression": f"{denials}.map(d, {prefix} + d).join('; ')",
+                          "messageExpression": f"{denials}.map(d, {lit(f'[{rule.name}] ')} + d"
+                                               f"{_see(rule)}).join('; ')",
                           "message": f"[{rule.name}] denied by poolkeeper rule {rule.name}",
                           "reason": _REASONS[DENIAL_CODE]}
             spec: dict[str, Any] = {"validations": [validation]}
@@ -675,19 +766,21 @@ def _rule_objects(rule: Rule, parts: _Parts) -> list[dict]:
                 spec["auditAnnotations"] = [{"key": k, "valueExpression": v}
                                             for k, v in parts.audit]
                 texts += [v for _, v in parts.audit]
-            objects.append(_policy("ValidatingAdmissionPolicy", name, rule, parts, spec, texts))
+            objects.append(_policy("ValidatingAdmissionPolicy", name, rule, parts, served, spec,
+                                   texts))
             objects.append(_binding("ValidatingAdmissionPolicy", name, rule, ["Deny"]))
     else:  # warn: what the rule would do, as warnings, and its own warnings
-        warnings = [("would ", e) for e in parts.effects]
-        warnings += [("would deny: ", d) for d in parts.denials]
-        warnings += [("", w) for w in parts.warnings]
+        warnings = [_would("would ", e) for e in parts.effects]
+        warnings += [_would("would deny: ", d) for d in parts.denials]
+        warnings += parts.warnings
     if warnings:
         own, validations = _warning_validations(rule, warnings)
         with_warnings = dataclasses.replace(parts, variables=[*parts.variables, *own])
         texts = [v["messageExpression"] for v in validations]
-        objects.append(_policy("ValidatingAdmissionPolicy", f"{name}-warnings", rule,
-                               with_warnings, {"validations": validations}, texts))
-        objects.append(_binding("ValidatingAdmissionPolicy", f"{name}-warnings", rule, ["Warn"]))
+        warned = name if served.templates else f"{name}-warnings"
+        objects.append(_policy("ValidatingAdmissionPolicy", warned, rule, with_warnings, served,
+                               {"validations": validations}, texts))
+        objects.append(_binding("ValidatingAdmissionPolicy", warned, rule, ["Warn"]))
     return objects
 
 
@@ -706,12 +799,21 @@ def export_policies(rules: Sequence[Rule]) -> Export:
             unknown = sorted(k for _, k in rule.match.kinds if k not in RESOURCES)
             if unknown:
                 raise _Unsupported(f"match.kinds: no API resource known for {', '.join(unknown)}")
-            parts = exporter(rule)
+            built = []
+            for served in _served(rule):
+                root = _by_kind({k: _path("object", template_path(OBJECT_KINDS[k].group, k)
+                                                   or ()) for k in served.kinds}) \
+                    if served.templates else "object"
+                built.append((served, exporter(rule, served.kinds, root)))
         except _Unsupported as exc:
             left_out.append(LeftOut(rule.name, f"the whole rule: {exc}"))
             continue
-        objects += _rule_objects(rule, parts)
-        left_out += [LeftOut(rule.name, what, warning) for what, warning in parts.left_out]
+        lost: dict[str, tuple[str, ...]] = {}
+        for served, parts in built:
+            objects += _objects(rule, parts, served)
+            if not served.templates:
+                lost.update(parts.left_out)
+        left_out += [LeftOut(rule.name, what, warnings) for what, warnings in lost.items()]
         exported.append(rule.name)
     return Export(tuple(objects), tuple(left_out), tuple(exported))
 

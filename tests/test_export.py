@@ -27,8 +27,13 @@ except ImportError:  # pragma: no cover - a test extra
     kubernetes_validate = None
 
 IN_TREE = ROOT / "deploy/overlays/in-tree/policies.yaml"
-SHIPPED_LEFT_OUT = ("remove-cpu-limits: the warning when a Guaranteed pod becomes Burstable (a "
-                    "validating policy sees only the pod without its limits)")
+REFERENCES_LEFT_OUT = (
+    "remove-cpu-limits: the warnings about downward API references (env resourceFieldRef, "
+    "downwardAPI volumes) to a removed limit (a validating policy sees only the pod without its "
+    "limits in enforce mode; not written for warn mode)")
+QOS_LEFT_OUT = ("remove-cpu-limits: the warning when a Guaranteed pod becomes Burstable (a "
+                "validating policy sees only the pod without its limits)")
+SHIPPED_LEFT_OUT = (REFERENCES_LEFT_OUT, QOS_LEFT_OUT)
 
 
 def rule_from(tmp_path: Path, text: str):
@@ -67,22 +72,20 @@ def test_export_prints_every_shipped_rule_as_policies_and_bindings(capsys):
     code, out, err = run(capsys, "--skip-unsupported")
 
     assert code == 0
-    assert err == f"poolkeeper export: left out {SHIPPED_LEFT_OUT}\n"
+    assert err.splitlines() == [f"poolkeeper export: left out {w}" for w in SHIPPED_LEFT_OUT]
     objects = [d for d in yaml.safe_load_all(out) if d]
     names = sorted(by_name(objects))
-    assert names == [
+    policies = [
         ("MutatingAdmissionPolicy", "poolkeeper-agentpool-node-selector"),
         ("MutatingAdmissionPolicy", "poolkeeper-image-pull-policy"),
         ("MutatingAdmissionPolicy", "poolkeeper-namespace-labels"),
         ("MutatingAdmissionPolicy", "poolkeeper-remove-cpu-limits"),
-        ("MutatingAdmissionPolicyBinding", "poolkeeper-agentpool-node-selector"),
-        ("MutatingAdmissionPolicyBinding", "poolkeeper-image-pull-policy"),
-        ("MutatingAdmissionPolicyBinding", "poolkeeper-namespace-labels"),
-        ("MutatingAdmissionPolicyBinding", "poolkeeper-remove-cpu-limits"),
         ("ValidatingAdmissionPolicy", "poolkeeper-agentpool-node-selector"),
+        ("ValidatingAdmissionPolicy", "poolkeeper-agentpool-node-selector-workloads"),
+        ("ValidatingAdmissionPolicy", "poolkeeper-image-pull-policy-templates"),
         ("ValidatingAdmissionPolicy", "poolkeeper-namespace-labels-warnings"),
-        ("ValidatingAdmissionPolicyBinding", "poolkeeper-agentpool-node-selector"),
-        ("ValidatingAdmissionPolicyBinding", "poolkeeper-namespace-labels-warnings")]
+        ("ValidatingAdmissionPolicy", "poolkeeper-remove-cpu-limits-templates")]
+    assert names == sorted([*policies, *((k + "Binding", n) for k, n in policies)])
     for obj in objects:
         assert obj["apiVersion"] == "admissionregistration.k8s.io/v1"
         if obj["kind"].endswith("Binding"):
@@ -94,7 +97,7 @@ def test_export_prints_every_shipped_rule_as_policies_and_bindings(capsys):
                           "the rules agentpool-node-selector, image-pull-policy, "
                           "namespace-labels, remove-cpu-limits.\n"
                           "# Left out (no admission policy can express it):\n"
-                          f"# - {SHIPPED_LEFT_OUT}\n---\n")
+                          + "".join(f"# - {w}\n" for w in SHIPPED_LEFT_OUT) + "---\n")
 
 
 def test_export_fails_naming_each_thing_it_cannot_express(capsys):
@@ -102,8 +105,8 @@ def test_export_fails_naming_each_thing_it_cannot_express(capsys):
 
     assert code == 1
     assert out == ""
-    assert err.splitlines() == [f"poolkeeper export: cannot express {SHIPPED_LEFT_OUT} "
-                                "(--skip-unsupported leaves it out)"]
+    assert err.splitlines() == [f"poolkeeper export: cannot express {w} (--skip-unsupported "
+                                "leaves it out)" for w in SHIPPED_LEFT_OUT]
 
 
 def test_export_json_is_a_list_of_the_same_objects(capsys):
@@ -133,7 +136,7 @@ def test_export_reads_the_rules_directory_given(capsys, tmp_path):
 
     assert (code, err) == (0, "")
     assert [d["metadata"]["name"] for d in yaml.safe_load_all(out) if d] == \
-        ["poolkeeper-image-pull-policy"] * 2
+        ["poolkeeper-image-pull-policy"] * 2 + ["poolkeeper-image-pull-policy-templates"] * 2
 
 
 def test_export_of_invalid_rules_exits_2_naming_the_problem(capsys, tmp_path):
@@ -194,6 +197,20 @@ def test_export_of_the_pool_rule_patches_the_escaped_key_and_denies_in_one_valid
     assert validating["spec"]["auditAnnotations"][0]["key"] == "pool"
     binding = objects["ValidatingAdmissionPolicyBinding", "poolkeeper-agentpool-node-selector"]
     assert binding["spec"]["validationActions"] == ["Deny"]
+    # The other pod controllers' templates: judged, never patched, failing open (the workloads
+    # webhook of deploy/base/webhook.yaml).
+    workloads = objects["ValidatingAdmissionPolicy", "poolkeeper-agentpool-node-selector-workloads"]
+    assert workloads["spec"]["failurePolicy"] == "Ignore"
+    assert [r["resources"] for r in workloads["spec"]["matchConstraints"]["resourceRules"]] == [
+        ["replicationcontrollers"], ["deployments"], ["replicasets"], ["statefulsets"],
+        ["cronjobs"], ["jobs"]]
+    assert "auditAnnotations" not in workloads["spec"]
+    assert ("MutatingAdmissionPolicy", "poolkeeper-agentpool-node-selector-workloads") \
+        not in objects
+    variables = {v["name"]: v["expression"] for v in workloads["spec"]["variables"]}
+    assert variables["spec"] == ("(request.kind.kind == 'CronJob' ? "
+                                 "object.spec.jobTemplate.spec.template.spec : "
+                                 "object.spec.template.spec)")
 
 
 def test_export_with_a_default_pool_matches_unlabelled_namespaces(tmp_path):
@@ -208,22 +225,33 @@ def test_export_with_a_default_pool_matches_unlabelled_namespaces(tmp_path):
 
 
 def test_export_of_a_warn_rule_is_only_warnings(tmp_path):
-    rule = rule_from(tmp_path, shipped("agentpool-node-selector", enforcement="warn"))
+    rule = rule_from(tmp_path, shipped("agentpool-node-selector", enforcement="warn",
+                                       docsURL="https://example.com/" + "p" * 120))
     objects = export_policies([rule]).objects
 
     assert [o["kind"] for o in objects] == ["ValidatingAdmissionPolicy",
-                                            "ValidatingAdmissionPolicyBinding"]
-    policy, binding = objects
+                                            "ValidatingAdmissionPolicyBinding"] * 2
+    policy, binding, workloads, _ = objects
     assert policy["metadata"]["name"] == "poolkeeper-agentpool-node-selector-warnings"
+    assert workloads["metadata"]["name"] == \
+        "poolkeeper-agentpool-node-selector-workloads-warnings"
     assert binding["spec"]["validationActions"] == ["Warn"]
-    messages = [v["messageExpression"] for v in policy["spec"]["validations"]]
-    assert len(messages) == 4  # would set, would deny x 3
-    assert "'[agentpool-node-selector] would '" in messages[0]
-    assert all("'[agentpool-node-selector] would deny: '" in m for m in messages[1:])
-    # the webhook's truncation of warnings at 120 characters, prefix included
-    prefix = len("[agentpool-node-selector] would deny: ")
-    assert f".size() < {120 - prefix} ?" in messages[1]
-    assert f".substring(0, {116 - prefix}) + '...'" in messages[1]
+    variables = {v["name"]: v["expression"] for v in policy["spec"]["variables"]}
+    assert [variables[f"warning{i}"].split(" ? '' : ")[-1] for i in range(4)] == [
+        "'would ' + (variables.mutate ? 'set nodeSelector agentpool=' + variables.pool : '')",
+        "'would deny: ' + (variables.otherPool)", "'would deny: ' + (variables.nodeNameSet)",
+        "'would deny: ' + (variables.affinity)"]
+    assert len(workloads["spec"]["validations"]) == 3  # templates are never patched
+    # the webhook's cut of warnings at 120 characters, prefix included, then the docsURL when
+    # the whole stays within 256
+    head = len("[agentpool-node-selector] ")
+    assert variables["message1"] == (
+        f"variables.warning1.size() < {120 - head} ? '[agentpool-node-selector] ' + "
+        f"variables.warning1 : '[agentpool-node-selector] ' + variables.warning1.substring(0, "
+        f"{116 - head}) + '...'")
+    message = policy["spec"]["validations"][1]["messageExpression"]
+    assert message.startswith(f"variables.message1.size() + {len(rule.docs_url) + 6} <= 256 ? ")
+    assert f"'. See {rule.docs_url}'" in message
 
 
 def test_export_skips_rules_that_are_off(tmp_path):
@@ -238,7 +266,8 @@ def test_export_of_selectors_uses_the_namespace_selector_and_a_condition_on_the_
         tmp_path):
     case = TESTDATA / "rules/image-pull-policy/selected-namespace-and-labels-pull-always"
     rule = rule_from(tmp_path, (case / "rule.yaml").read_text())
-    policy, _ = export_policies([rule]).objects
+    objects = by_name(export_policies([rule]).objects)
+    policy = objects["MutatingAdmissionPolicy", "poolkeeper-image-pull-policy"]
     constraints = policy["spec"]["matchConstraints"]
 
     assert constraints["namespaceSelector"]["matchExpressions"] == [
@@ -253,12 +282,18 @@ def test_export_of_selectors_uses_the_namespace_selector_and_a_condition_on_the_
         f"!('canary' in {labels})")
     (mutation,) = policy["spec"]["mutations"]
     assert mutation["patchType"] == "ApplyConfiguration"  # containers merge by name
+    # pod controllers: what their pods will get, judged on the template's labels
+    templates = objects["ValidatingAdmissionPolicy", "poolkeeper-image-pull-policy-templates"]
+    conditions = {c["name"]: c["expression"] for c in templates["spec"]["matchConditions"]}
+    assert conditions["object-selector"].startswith(
+        "('platform' in (request.kind.kind == 'CronJob' ? object.spec.jobTemplate.spec.template :"
+        " object.spec.template).metadata.?labels.orValue({})")
 
 
 def test_export_of_resource_limits_removes_escaped_names_unless_kept(tmp_path):
     case = TESTDATA / "rules/remove-cpu-limits/listed-extended-resource-limit-is-removed"
     rule = rule_from(tmp_path, (case / "rule.yaml").read_text())
-    policy, _ = export_policies([rule]).objects
+    policy, *_ = export_policies([rule]).objects
     expression = policy["spec"]["mutations"][0]["jsonPatch"]["expression"]
 
     for field in ("initContainers", "containers"):
@@ -268,17 +303,20 @@ def test_export_of_resource_limits_removes_escaped_names_unless_kept(tmp_path):
     conditions = {c["name"]: c["expression"] for c in policy["spec"]["matchConditions"]}
     assert conditions["no-keep-annotation"] == \
         "object.metadata.?annotations[?'example.com/keep'].orValue('') != 'true'"
-    assert export_policies([rule]).left_out == (LeftOut(
-        "remove-cpu-limits", SHIPPED_LEFT_OUT.split(": ", 1)[1],
-        "QoS class changes from Guaranteed to Burstable"),)
+    assert export_policies([rule]).left_out == (
+        LeftOut("remove-cpu-limits", REFERENCES_LEFT_OUT.split(": ", 1)[1],
+                ("container ", "volume ", "and ")),
+        LeftOut("remove-cpu-limits", QOS_LEFT_OUT.split(": ", 1)[1],
+                ("QoS class changes from Guaranteed to Burstable",)))
 
 
 def test_export_of_resource_limits_warns_of_qos_in_warn_mode(tmp_path):
     rule = rule_from(tmp_path, shipped("remove-cpu-limits", enforcement="warn"))
     result = export_policies([rule])
 
-    assert result.left_out == ()  # nothing is mutated, so the policy sees the pod as it came
-    (policy, _) = result.objects
+    # nothing is mutated, so the policy sees the pod as it came
+    assert [i.warnings for i in result.left_out] == [("container ", "volume ", "and ")]
+    policy, *_ = result.objects
     variables = {v["name"]: v["expression"] for v in policy["spec"]["variables"]}
     assert "quantity(" in variables["guaranteed"]
 
@@ -286,7 +324,8 @@ def test_export_of_resource_limits_warns_of_qos_in_warn_mode(tmp_path):
 def test_export_of_a_resource_list_without_cpu_or_memory_has_no_qos_warning(tmp_path):
     rule = rule_from(tmp_path, shipped("remove-cpu-limits",
                                        params={"resources": ["example.com/fpga"]}))
-    assert export_policies([rule]).left_out == ()
+    assert [i.warnings for i in export_policies([rule]).left_out] == [
+        ("container ", "volume ", "and ")]
 
 
 def test_export_of_namespace_labels_merges_labels_and_checks_the_name(tmp_path):
