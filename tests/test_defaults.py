@@ -313,7 +313,8 @@ def test_remove_cpu_limits_warns_about_references_to_the_removed_limit():
     app["env"] = [{"name": "GOMAXPROCS", "valueFrom": {"resourceFieldRef": {
                       "resource": "limits.cpu", "divisor": "1"}}},
                   {"name": "MEM", "valueFrom": {"resourceFieldRef": {"resource": "limits.memory"}}},
-                  {"name": "PLAIN", "value": "x"}, "not-an-env"]
+                  {"name": "PLAIN", "value": "x"}, "not-an-env",
+                  {"name": "FORGED", "valueFrom": {"resourceFieldRef": {"resource": 7}}}]
     obj["spec"]["containers"].append({"name": "side", "image": "i", "env": [
         {"name": "APP_CPU", "valueFrom": {"resourceFieldRef": {"containerName": "c",
                                                                "resource": "limits.cpu"}}}]})
