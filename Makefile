@@ -8,7 +8,7 @@ PORT ?= 8443
 PYTEST_ARGS ?=
 
 .PHONY: help run test lint venv certs clean bench kind-start kind-deploy integration logs kind-delete docker-e2e lock \
-	uninstall
+	uninstall export
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z0-9-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -36,6 +36,15 @@ lint: $(STAMP) ## ruff, mypy --strict on app/, import contracts
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-cache
+
+# deploy/overlays/in-tree/policies.yaml: the shipped rules as in-tree admission policies (README
+# "In-tree policies"); what no policy can express is left out and listed (stderr and the file's
+# header). tests/test_export.py fails when the file is not what this prints.
+IN_TREE := deploy/overlays/in-tree/policies.yaml
+
+export: $(STAMP) ## regenerate deploy/overlays/in-tree/policies.yaml from rules/
+	$(BIN)/poolkeeper export --rules rules --skip-unsupported -o yaml > $(IN_TREE).new
+	mv $(IN_TREE).new $(IN_TREE)
 
 # pytest exits 5 when it collected nothing: that must fail, not pass silently. The coverage gate:
 # every line and branch of the rule implementations (app/rules/) is executed by the tests.

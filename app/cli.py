@@ -1,4 +1,4 @@
-"""Owns the ``poolkeeper`` command line: serve, mutate, test, certs, audit and status."""
+"""Owns the ``poolkeeper`` command line: serve, mutate, test, export, certs, audit and status."""
 
 from __future__ import annotations
 
@@ -125,6 +125,22 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("--junit", metavar="FILE",
                       help="also write the results as JUnit XML to FILE (for CI systems)")
 
+    export = commands.add_parser(
+        "export", help="print the rules as in-tree admission policies",
+        description="Print, for the enabled rules, admissionregistration.k8s.io/v1 "
+                    "MutatingAdmissionPolicies, ValidatingAdmissionPolicies and their bindings "
+                    "that make the API server decide as poolkeeper does. What no policy can "
+                    "express fails the export (exit 1), one line each, unless "
+                    "--skip-unsupported.")
+    export.add_argument("--rules", dest="rules_dir", metavar="DIR",
+                        help="directory of rule files (default: the shipped rules/)")
+    export.add_argument("--target", choices=("policies",), default="policies",
+                        help="what to export to (default: policies)")
+    export.add_argument("-o", "--output", choices=("yaml", "json"), default="yaml",
+                        help="yaml: a YAML stream (default); json: a List")
+    export.add_argument("--skip-unsupported", action="store_true",
+                        help="leave out what no policy can express, listed on stderr")
+
     certs = commands.add_parser(
         "certs", help="create a CA and a serving certificate",
         description="Write ca.crt, tls.crt and tls.key (0600) into DIR for the Service "
@@ -202,7 +218,7 @@ def _add_cluster_commands(
 
 
 _NOT_SETTINGS = {"command", "input", "output", "object_namespace", "cases", "rule", "format",
-                 "junit"}
+                 "junit", "target", "skip_unsupported"}
 
 
 def _settings_from(args: argparse.Namespace) -> Settings:
@@ -230,6 +246,10 @@ def _run(args: argparse.Namespace) -> int:
             return test(args)
         if args.command == "version":
             return version(args)
+        if args.command == "export":
+            from .export import command
+
+            return command(args, _load_rules(_settings_from(args)))
         if args.command == "completion":
             from .completion import script
 

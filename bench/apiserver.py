@@ -8,11 +8,14 @@ kubectl) into namespaces taken in turn, in three cases:
 (a) no admission configured;
 (b) poolkeeper: ``poolkeeper serve --kubeconfig`` (its cache watches this API server) behind its
     MutatingWebhookConfiguration from deploy/ (see ``DEPLOY_WEBHOOK_CONFIGURATION``);
-(c) a MutatingAdmissionPolicy + binding injecting the pool from ``namespaceObject`` labels (CEL).
+(c) a MutatingAdmissionPolicy + binding injecting the pool from ``namespaceObject`` labels (CEL);
+(d) the shipped rules as ``poolkeeper export`` prints them (deploy/overlays/in-tree): every rule's
+    MutatingAdmissionPolicy and ValidatingAdmissionPolicy, judged in process like (c) but doing
+    all that (b) does.
 
 Each case starts once its configuration demonstrably acts (a probe pod gets, or no longer gets,
 the nodeSelector), sends untimed warm-up pods, then times ``count`` creations. A creation that
-fails, or whose pod lacks (b, c) or has (a) the injected selector, counts as an error.
+fails, or whose pod lacks (b, c, d) or has (a) the injected selector, counts as an error.
 """
 
 from __future__ import annotations
@@ -155,10 +158,20 @@ def mutating_admission_policy() -> list[dict]:
     return [policy, binding]
 
 
+def exported_policies() -> list[dict]:
+    """Case (d): what `poolkeeper export` prints for the shipped rules (left-out parts aside)."""
+    from app.export import export_policies
+    from app.rules import load_rules
+
+    return list(export_policies(load_rules(ROOT / "rules")).objects)
+
+
 _COLLECTIONS = {
     "MutatingWebhookConfiguration": f"{ADMISSION_API}/mutatingwebhookconfigurations",
     "MutatingAdmissionPolicy": f"{ADMISSION_API}/mutatingadmissionpolicies",
     "MutatingAdmissionPolicyBinding": f"{ADMISSION_API}/mutatingadmissionpolicybindings",
+    "ValidatingAdmissionPolicy": f"{ADMISSION_API}/validatingadmissionpolicies",
+    "ValidatingAdmissionPolicyBinding": f"{ADMISSION_API}/validatingadmissionpolicybindings",
 }
 
 
@@ -313,7 +326,7 @@ def _cpu_seconds(pids: list[int]) -> float:
 def run(work: Path, count: int, warmup: int, creators: tuple[int, ...] = (CREATORS, 1),
         log_level: str | None = None, keep: bool = False,
         progress: Callable[[str], None] = print) -> dict[int, list[CaseResult]]:
-    """Cases (a), (b), (c), each timed with every number of concurrent ``creators``."""
+    """Cases (a) to (d), each timed with every number of concurrent ``creators``."""
     names = inputs.namespace_names()
     body = orjson.dumps(inputs.pod_for_create())
     api = MiniAPI(work / "miniapiserver", keep=keep)
@@ -331,7 +344,7 @@ def run(work: Path, count: int, warmup: int, creators: tuple[int, ...] = (CREATO
         def measure(key: str, label: str, ok, note: str = "") -> None:
             nonlocal offset
             pids = [int(api.env["APISERVER_PID"]), int(api.env["ETCD_PID"])]
-            hook = server if key == "webhook" else None  # poolkeeper idles on during (c)
+            hook = server if key == "webhook" else None  # poolkeeper idles on during (c) and (d)
             for n in creators:
                 _, warmup_errors = _timed_creates(api, names, body, warmup, ok, offset, n)
                 offset += warmup
@@ -376,6 +389,16 @@ def run(work: Path, count: int, warmup: int, creators: tuple[int, ...] = (CREATO
         _wait_for(api, probe_ns, body, mutated, "the MutatingAdmissionPolicy injects the pool")
         measure("policy", "(c) MutatingAdmissionPolicy (CEL)", mutated)
         for obj in reversed(policy_objects):
+            api.delete(obj)
+        _wait_for(api, probe_ns, body, untouched, "the MutatingAdmissionPolicy is gone")
+
+        exported = exported_policies()
+        for obj in exported:
+            api.apply(obj)
+        _wait_for(api, probe_ns, body, mutated, "the exported policies inject the pool")
+        measure("exported", "(d) exported policies (poolkeeper export)", mutated,
+                "deploy/overlays/in-tree: every shipped rule")
+        for obj in reversed(exported):
             api.delete(obj)
     finally:
         api.stop()

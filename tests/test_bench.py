@@ -120,7 +120,7 @@ def test_bench_prints_api_server_rows(smoke_output):
     if missing:  # ../shared/tools/miniapiserver: CI (POOLKEEPER_REQUIRE_SHARED=1) needs it
         skip_or_fail(f"API server part not run: {missing}")
     rows = section(smoke_output, "Through a real API server")
-    assert [r[0][:3] for r in rows] == ["(a)", "(b)", "(c)"] * 2
+    assert [r[0][:3] for r in rows] == ["(a)", "(b)", "(c)", "(d)"] * 2
     for row in rows:
         cells = [c for c in row[1:] if c != "-"]
         assert_numeric(["", *cells])

@@ -41,7 +41,12 @@ OVERLAYS = sorted(p.parent.name for p in (DEPLOY / "overlays").glob("*/kustomiza
 CRD_KINDS = {"Certificate", "Issuer"}  # cert-manager's: no schema in kubernetes-validate
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding",
                   "MutatingWebhookConfiguration", "ValidatingAdmissionPolicy",
-                  "ValidatingAdmissionPolicyBinding"}
+                  "ValidatingAdmissionPolicyBinding", "MutatingAdmissionPolicy",
+                  "MutatingAdmissionPolicyBinding"}
+# deploy/overlays/in-tree: the exported policies instead of the webhook (tests/test_export.py
+# checks that they are current); MutatingAdmissionPolicy v1 needs 1.36.
+IN_TREE_KINDS = {"Namespace", "MutatingAdmissionPolicy", "MutatingAdmissionPolicyBinding",
+                 "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
 SYSTEM_NAMESPACES = {"poolkeeper-system", "kube-system", "kube-public", "kube-node-lease"}
 PLAIN_FILES = sorted(p for p in DEPLOY.rglob("*.yaml")
                      if p.name != "kustomization.yaml" and "monitoring" not in p.parts)
@@ -131,6 +136,9 @@ def test_manifests_kustomize_renders(directory: str):
         else:
             assert obj["metadata"].get("namespace") == "poolkeeper-system", obj["metadata"]
         assert obj["metadata"]["labels"]["app.kubernetes.io/name"] == "poolkeeper"
+    if directory.endswith("in-tree"):  # nothing runs: no workload, RBAC or webhook
+        assert set(kinds) == IN_TREE_KINDS
+        return
     assert kinds.count("MutatingWebhookConfiguration") == 1
     assert {"Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap",
             "Service", "Deployment", "PodDisruptionBudget", "ResourceQuota"} <= set(kinds)
@@ -143,7 +151,7 @@ def test_manifests_kustomize_renders(directory: str):
 
 
 def test_manifests_overlays_are_the_documented_ones():
-    assert OVERLAYS == ["cert-manager", "kind", "no-admission-policy"]
+    assert OVERLAYS == ["cert-manager", "in-tree", "kind", "no-admission-policy"]
     readme = (ROOT / "README.md").read_text()
     for overlay in OVERLAYS:
         assert f"deploy/overlays/{overlay}" in readme
