@@ -19,8 +19,9 @@ from prometheus_client import REGISTRY
 from app import kube
 from app.config import ConfigError, Settings
 from app.kube import KubeConfigError, load_api_client
+from app.listwatch import _Expired, _lines, _WatchError
 from app.namespaces import NamespaceLookupError, NamespaceSource, namespace_source
-from app.namespaces.informer import KubeNamespaces, _Expired, _lines, _WatchError
+from app.namespaces.informer import KubeNamespaces
 
 from .apiserver import MiniApiServer, apiserver_fixture
 
