@@ -63,10 +63,11 @@ class ListWatch(Generic[T]):
     """A list+watch thread keeping ``_store`` (name -> :meth:`keep` of the object) current.
 
     ``list_call`` is the client's list function (e.g. ``CoreV1Api.list_namespace``), called with
-    ``_preload_content=False``; ``headers`` go with every list and watch (e.g. an Accept header
-    asking for metadata only). ``clock`` (monotonic seconds) drives every staleness decision;
-    sleeping and network timeouts use real time. Subclasses say what to keep of an object and
-    may react to changes (:meth:`_replaced`, :meth:`_changed`) and count signs of life.
+    ``_preload_content=False``; ``list_headers`` go with each listing and ``watch_headers`` with
+    each watch (e.g. Accept headers asking for metadata only). ``clock`` (monotonic seconds)
+    drives every staleness decision; sleeping and network timeouts use real time. Subclasses say
+    what to keep of an object and may react to changes (:meth:`_replaced`, :meth:`_changed`) and
+    count signs of life.
     """
 
     NOUN = "object"  # what log lines call the objects, e.g. "namespace"
@@ -76,7 +77,8 @@ class ListWatch(Generic[T]):
                  max_stale: float = 300.0, clock: Callable[[], float] = time.monotonic,
                  page_size: int = 500, request_timeout: tuple[float, float] = (2.0, 5.0),
                  watch_timeout: int = 120, backoff_base: float = 0.25, backoff_cap: float = 4.0,
-                 owns_client: bool = False, headers: Mapping[str, str] | None = None) -> None:
+                 owns_client: bool = False, list_headers: Mapping[str, str] | None = None,
+                 watch_headers: Mapping[str, str] | None = None) -> None:
         self.api_client = api_client
         self.max_stale = max_stale
         self.page_size = page_size
@@ -88,7 +90,8 @@ class ListWatch(Generic[T]):
         self.backoff_cap = backoff_cap
         self.owns_client = owns_client
         self._list_call = list_call
-        self._headers = dict(headers or {})
+        self._list_headers = dict(list_headers or {})
+        self._watch_headers = dict(watch_headers or {})
         self._log = log
         self._clock = clock
 
@@ -240,7 +243,7 @@ class ListWatch(Generic[T]):
         while True:
             self._check_stop()
             response = self._list_call(limit=self.page_size, _continue=token,
-                                       _preload_content=False, _headers=self._headers,
+                                       _preload_content=False, _headers=self._list_headers,
                                        _request_timeout=self._list_timeout())
             try:
                 body = orjson.loads(response.data)
@@ -285,7 +288,7 @@ class ListWatch(Generic[T]):
             # that (plus grace) is from a hung server, and the read timeout ends it.
             response = self._list_call(
                 watch=True, resource_version=self._resource_version, allow_watch_bookmarks=True,
-                timeout_seconds=timeout, _preload_content=False, _headers=self._headers,
+                timeout_seconds=timeout, _preload_content=False, _headers=self._watch_headers,
                 _request_timeout=(connect, timeout + grace))
         except kubernetes.client.ApiException as e:
             if e.status == 410:
