@@ -159,7 +159,7 @@ class PoolPlacement:
         pool = label if label is not None else self.default_pool
         if not pool:
             return NOTHING  # unpooled, or opted out with an empty label
-        allowed = self._allowed_pools(namespace, pool)
+        allowed = self.allowed_pools(namespace, pool)
         chosen = value if value is not None and value in allowed else pool
         spec = self.pools.get(chosen, _PLAIN)
         where = self._where(ctx.namespace, pool, labels)
@@ -215,7 +215,7 @@ class PoolPlacement:
             editor.append(tolerations_path, dict(item))
         if new:
             effects.append(f"add toleration{'s' if len(new) > 1 else ''} "
-                           f"{', '.join(_describe_toleration(t) for t in new)}")
+                           f"{', '.join(describe_toleration(t) for t in new)}")
         return RuleResult(effects=tuple(effects), audit=audit)
 
     def _judge_namespace(self, ctx: RuleContext) -> RuleResult:
@@ -254,7 +254,7 @@ class PoolPlacement:
             f"namespace {quote(name)}: {problem}. Label it with a pool that exists, or set the "
             "label empty to opt out of pools",))
 
-    def _allowed_pools(self, namespace: Namespace | None, pool: str) -> tuple[str, ...]:
+    def allowed_pools(self, namespace: Namespace | None, pool: str) -> tuple[str, ...]:
         """The pools a pod of the namespace may select: its own, then those its annotation
         names (comma-separated; names that are not label values are ignored)."""
         if namespace is None or self.allowed_pools_annotation is None:
@@ -327,7 +327,7 @@ def _identity(toleration: object, path: Path) -> tuple[str, str, str, str]:
     return (key, operator or "Equal", value, effect)
 
 
-def _describe_toleration(toleration: Mapping[str, Any]) -> str:
+def describe_toleration(toleration: Mapping[str, Any]) -> str:
     """kubectl taint's form: key=value:Effect (Exists: key:Effect; no effect: every effect)."""
     key, operator, value, effect = _identity(toleration, ())
     text = (key or "every taint") if operator == "Exists" else f"{key}={value}"
