@@ -155,9 +155,8 @@ class PoolPlacement:
                 return NOTHING  # only a change of placement is judged on UPDATE
         namespace = ctx.find_namespace(ctx.namespace)
         labels = namespace.labels if namespace is not None else {}
-        label = labels.get(self.namespace_label_key)
-        pool = label if label is not None else self.default_pool
-        if not pool:
+        pool = self.pool_of(labels)
+        if pool is None:
             return NOTHING  # unpooled, or opted out with an empty label
         allowed = self.allowed_pools(namespace, pool)
         chosen = value if value is not None and value in allowed else pool
@@ -253,6 +252,12 @@ class PoolPlacement:
         return RuleResult(denials=(
             f"namespace {quote(name)}: {problem}. Label it with a pool that exists, or set the "
             "label empty to opt out of pools",))
+
+    def pool_of(self, labels: Mapping[str, str]) -> str | None:
+        """The pool of a namespace with these labels: its label, else the defaultPool; None when
+        it has neither, or its label is empty (it opted out, even from a defaultPool)."""
+        label = labels.get(self.namespace_label_key)
+        return (label if label is not None else self.default_pool) or None
 
     def allowed_pools(self, namespace: Namespace | None, pool: str) -> tuple[str, ...]:
         """The pools a pod of the namespace may select: its own, then those its annotation
