@@ -325,7 +325,7 @@ def mutate(args: argparse.Namespace) -> int:
             source = namespace_source(settings)
         except KubeConfigError as exc:
             raise InputError(no_cluster_hint(str(exc))) from None
-        outcomes = judge(document, rules, source.labels, args.object_namespace, sys.stderr,
+        outcomes = judge(document, rules, source.namespace, args.object_namespace, sys.stderr,
                          settings.namespaces_file)
     except (InputError, ReviewError, ObjectShapeError, NamespaceLookupError) as exc:
         print(f"poolkeeper: {exc}", file=sys.stderr)

@@ -186,3 +186,20 @@ def test_pools_command_reads_the_cluster(apiserver: MiniApiServer, capsys):
         for name in nodes:
             core.delete_node(name)
         client.close()
+
+
+def test_mutate_sees_the_pools_a_namespace_allows(tmp_path, capsys):
+    pod = {"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": "train", "namespace": "team-search"},
+           "spec": {"containers": [{"name": "c", "image": "x"}],
+                    "nodeSelector": {"agentpool": "gpu"}}}
+    path = tmp_path / "pod.json"
+    path.write_text(json.dumps(pod))
+    code = main(["mutate", "--rules", str(ROOT / "testdata/pools/rules"), "--namespaces",
+                 str(ROOT / "testdata/pools/namespaces.yaml"), "-o", "json", str(path)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    spec = json.loads(out)["spec"]
+    assert spec["nodeSelector"] == {"agentpool": "gpu", "kubernetes.io/arch": "amd64"}
+    assert spec["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists",
+                                    "effect": "NoSchedule"}]
