@@ -1,7 +1,8 @@
 """Owns the decision: runs every rule over one request and composes a single response.
 
-:func:`admit` is pure: given a request, a namespace-label lookup and the rules, it returns a
-:class:`Decision`. It never touches the network itself (the lookup is injected) and never
+:func:`admit` is pure: given a request, a namespace lookup, the rules and optionally a node-pool
+lookup, it returns a :class:`Decision`. It never touches the network itself (the lookups are
+injected) and never
 mutates the request. All rules run in one pass over one copy-on-write view, so their edits
 compose into one patch; any ``enforce`` denial wins and the message names every rule that
 denied. A rule in ``warn`` mode runs on a scratch view: its edits and denials become admission
@@ -14,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .kinds import template_path
+from .namespaces.source import Namespace
 from .patching import ObjectEditor, expect_map
 from .review import (
     MUTATING_OPERATIONS,
@@ -25,7 +27,7 @@ from .review import (
     patched,
 )
 from .rules import Rule, RuleContext
-from .rules.base import NamespaceLookup
+from .rules.base import NamespaceLookup, NodeLookup
 
 # A rule refusal is a policy decision about an authenticated user's object.
 DENIAL_CODE = 403
@@ -47,8 +49,8 @@ class Action:
 class Decision:
     response: AdmissionResponse
     actions: tuple[Action, ...] = field(default=())
-    # the namespaces the rules looked up: name -> labels, or None when it does not exist
-    namespaces: Mapping[str, Mapping[str, str] | None] = field(default_factory=dict)
+    # the namespaces the rules looked up: name -> namespace, or None when it does not exist
+    namespaces: Mapping[str, Namespace | None] = field(default_factory=dict)
 
     @property
     def rules(self) -> tuple[str, ...]:
@@ -77,12 +79,12 @@ def _denial(rule: Rule, text: str) -> str:
     return f"[{rule.name}] {text}" + (f". See {rule.docs_url}" if rule.docs_url else "")
 
 
-def admit(request: AdmissionRequest, namespace_labels: NamespaceLookup,
-          rules: Sequence[Rule]) -> Decision:
+def admit(request: AdmissionRequest, namespaces: NamespaceLookup,
+          rules: Sequence[Rule], nodes: NodeLookup | None = None) -> Decision:
     if request.operation not in MUTATING_OPERATIONS or request.object is None:
         return Decision(allowed())  # DELETE and CONNECT are never mutated
     editor = ObjectEditor(request.object)
-    ctx = RuleContext(request, namespace_labels)
+    ctx = RuleContext(request, namespaces, nodes=nodes)
     template = _template_pod(request)
     denials: list[str] = []
     warnings: list[str] = []
@@ -95,8 +97,8 @@ def admit(request: AdmissionRequest, namespace_labels: NamespaceLookup,
             # a pod rule on a pod controller: the template is never changed (a GitOps tool
             # would see drift); the pods get the rule when they are created
             if rule.template_warnings:
-                text = _template_warning(rule, RuleContext(template, namespace_labels,
-                                                           ctx.looked_up), request.gvk.kind)
+                text = _template_warning(rule, RuleContext(template, namespaces, ctx.looked_up,
+                                                           nodes), request.gvk.kind)
                 if text:
                     warnings.append(warning(rule.name, text, rule.docs_url))
                     actions.append(Action(rule.name, "warned", text))

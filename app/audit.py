@@ -4,7 +4,9 @@ pods and DaemonSets disagree with their namespace's pool today, one line per wor
 Admission only sees new objects: pods created before poolkeeper was installed, or before their
 namespace was relabelled, stay where they are. The audit judges each pod with the PoolPlacement
 rules of the rules directory (their ``match`` and params: namespaceLabelKey, nodeLabelKey,
-defaultPool, excluded namespaces; mirror pods and finished pods skipped) and reports
+defaultPool, excluded namespaces, the pools a namespace's allowedPoolsAnnotation allows; an
+opted-out namespace, its pool label empty, is not audited; mirror pods and finished pods
+skipped) and reports
 
 * ``no-pool-key``: ``spec.nodeSelector`` lacks the node label key;
 * ``other-pool-key``: it names another pool;
@@ -32,9 +34,11 @@ import orjson
 import urllib3
 import yaml
 
+from .namespaces.source import Namespace, kept_annotations
 from .patching import escape
 from .review import request_for
 from .rules import MIRROR_POD_ANNOTATION, PoolPlacement, Rule, RuleContext
+from .rules.base import NamespaceLookup
 from .text import ECHO_LIMIT, clip, quote
 
 log = logging.getLogger("poolkeeper.audit")
@@ -45,7 +49,8 @@ FINISHED_PHASES = ("Succeeded", "Failed")  # such pods run nowhere any more
 _REQUEST_TIMEOUT = (5.0, 60.0)  # (connect, read) seconds of each page
 _API_ERRORS = (kubernetes.client.ApiException, urllib3.exceptions.HTTPError, OSError, ValueError)
 
-NamespaceLabels = Callable[[str], Mapping[str, str] | None]
+# a namespace's record (or just its labels), None when it is unknown
+NamespaceLabels = NamespaceLookup
 Progress = Callable[[int, int | None], None]  # (pods read so far, total if known)
 
 
@@ -153,7 +158,7 @@ class Audit:
             raise AuditError("the rules hold no PoolPlacement rule that is not off: there is no "
                              "pool to audit against")
         self._lookup = namespace_labels
-        self._labels: dict[str, Mapping[str, str] | None] = {}
+        self._namespaces: dict[str, Namespace | None] = {}
         self.nodes = nodes
         self.deployments: dict[tuple[str, str], str | None] | None = None  # RS -> Deployment
         self._workloads: dict[tuple[str, str, str], Workload] = {}
@@ -177,16 +182,17 @@ class Audit:
     def add_daemonset(self, daemonset: Mapping[str, Any]) -> None:
         meta = _map(daemonset.get("metadata"))
         namespace, name = str(meta.get("namespace") or ""), str(meta.get("name") or "")
-        labels = self._namespace_labels(namespace)
-        if labels is None:
+        record = self._namespace(namespace)
+        if record is None:
             return
         selector = _map(_map(_map(_map(daemonset.get("spec")).get("template")).get("spec"))
                         .get("nodeSelector"))
-        for _rule, policy, pool in self._pools("apps/v1", "DaemonSet", meta, namespace, labels):
+        for _rule, policy, pool in self._pools("apps/v1", "DaemonSet", meta, namespace, record):
             self.daemonsets_checked += 1
             value = selector.get(policy.node_label_key)
             self._templates[(namespace, name)] = value if isinstance(value, str) else None
-            reasons, found = _selector_drift(value, pool, policy.node_label_key, "template ")
+            reasons, found = _selector_drift(value, policy.allowed_pools(record, pool),
+                                             policy.node_label_key, "template ")
             workload = self._workload(namespace, "DaemonSet", name, pool, policy)
             workload.template_value = value if isinstance(value, str) else None
             if reasons:
@@ -204,18 +210,21 @@ class Audit:
         if _map(pod.get("status")).get("phase") in FINISHED_PHASES:
             return
         namespace, name = str(meta.get("namespace") or ""), str(meta.get("name") or "")
-        labels = self._namespace_labels(namespace)
-        if labels is None:
+        record = self._namespace(namespace)
+        if record is None:
             return
         spec = _map(pod.get("spec"))
-        for _rule, policy, pool in self._pools("v1", "Pod", meta, namespace, labels):
+        for _rule, policy, pool in self._pools("v1", "Pod", meta, namespace, record):
             self.pods_checked += 1
             key = policy.node_label_key
-            reasons, found = _selector_drift(_map(spec.get("nodeSelector")).get(key), pool, key)
+            value = _map(spec.get("nodeSelector")).get(key)
+            allowed = policy.allowed_pools(record, pool)
+            reasons, found = _selector_drift(value, allowed, key)
+            chosen = value if value in allowed else pool  # a pool its namespace allows stays
             node = spec.get("nodeName")
             if node and self.nodes is not None and node in self.nodes:
                 node_pool = self.nodes[node].get(key)
-                if node_pool != pool:
+                if node_pool != chosen:
                     reasons.append("node-in-other-pool")
                     found.append(f"on {_text(node)} ({_text(node_pool)})" if node_pool
                                  else f"on {_text(node)} (no {key})")
@@ -242,28 +251,30 @@ class Audit:
 
     # -- helpers ---------------------------------------------------------------------------------
 
-    def _namespace_labels(self, name: str) -> Mapping[str, str] | None:
-        if name not in self._labels:
-            self._labels[name] = self._lookup(name)
-        labels = self._labels[name]
-        if labels is None:
+    def _namespace(self, name: str) -> Namespace | None:
+        if name not in self._namespaces:
+            found = self._lookup(name)
+            self._namespaces[name] = found if found is None or isinstance(found, Namespace) \
+                else Namespace(found)
+        record = self._namespaces[name]
+        if record is None:
             self.unknown_namespaces.add(name)
-        return labels
+        return record
 
     def _pools(self, api_version: str, kind: str, meta: Mapping[str, Any], namespace: str,
-               labels: Mapping[str, str]) -> Iterator[tuple[Rule, PoolPlacement, str]]:
-        """(rule, policy, pool) for each pool rule that matches the object and gives a pool."""
+               record: Namespace) -> Iterator[tuple[Rule, PoolPlacement, str]]:
+        """(rule, policy, pool) for each pool rule that matches the object and gives a pool
+        (an opted-out namespace, its pool label empty, gets none)."""
         # Only what match reads: kind and metadata (the spec is not copied).
         request = request_for({"apiVersion": api_version, "kind": kind, "metadata": meta},
                               namespace=namespace, uid="poolkeeper-audit")
-        ctx = RuleContext(request, lambda n: labels if n == namespace
-                          else self._namespace_labels(n))
+        ctx = RuleContext(request, lambda n: record if n == namespace else self._namespace(n))
         for rule in self.rules:
             policy = rule.policy
             assert isinstance(policy, PoolPlacement)
             if not rule.match.matches(ctx):
                 continue
-            pool = labels.get(policy.namespace_label_key) or policy.default_pool
+            pool = policy.pool_of(record.labels)
             if pool:
                 self._pooled.add(namespace)
                 yield rule, policy, pool
@@ -306,11 +317,12 @@ def _controller(meta: Mapping[str, Any]) -> Mapping[str, Any]:
     return {}
 
 
-def _selector_drift(value: Any, pool: str, key: str,
+def _selector_drift(value: Any, allowed: tuple[str, ...], key: str,
                     where: str = "") -> tuple[list[str], list[str]]:
+    """Drift of a pool key against the namespace's pool and the further pools it allows."""
     if value is None:
         return ["no-pool-key"], [f"{where}no {key}".lstrip()]
-    if value != pool:
+    if value not in allowed:
         return ["other-pool-key"], [f"{where}{key}={_text(value)}"]
     return [], []
 
@@ -379,11 +391,12 @@ def audit_cluster(lister: ClusterLister, rules: Iterable[Rule], *,
     with a note; pods or namespaces that cannot be read raise (AuditError, API errors)."""
     notes: list[str] = []
     if namespace_labels is None:
-        known: dict[str, Mapping[str, str]] = {}
+        known: dict[str, Namespace] = {}
         for items, _ in _pages(lister, "namespaces", keep_going):
             for item in items:
                 meta = _map(item.get("metadata"))
-                known[str(meta.get("name", ""))] = _string_map(meta.get("labels"))
+                known[str(meta.get("name", ""))] = Namespace(_string_map(meta.get("labels")),
+                                                             kept_annotations(meta))
         namespace_labels = known.get
     nodes: dict[str, Mapping[str, str]] | None = None
     try:
@@ -697,9 +710,9 @@ def source_labels(source: Any) -> NamespaceLabels:
     counts as unknown (its pods are skipped this time)."""
     from .namespaces import NamespaceLookupError
 
-    def labels(name: str) -> Mapping[str, str] | None:
+    def labels(name: str) -> Namespace | None:
         try:
-            found: Mapping[str, str] | None = source.labels(name)
+            found: Namespace | None = source.namespace(name)
             return found
         except NamespaceLookupError:
             return None

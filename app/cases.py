@@ -4,6 +4,9 @@ A case is a directory ``<dir>/<rule-name>/<case-name>/`` holding:
 
 ``input.yaml``       the object as the API server would send it (required)
 ``namespaces.yaml``  Namespace objects the cache would return (optional; List or multi-document)
+``nodes.yaml``       Node objects the node watch would hold (optional; List or multi-document):
+                     without it the rules have no node source, so a namespace's pool is not
+                     checked for nodes
 ``old.yaml``         the object before the change: makes the request an UPDATE (optional)
 ``expected.yaml``    the object after the patch; absent means no patch is expected
 ``denied.txt``       the request must be denied, the message containing every non-empty line
@@ -29,11 +32,12 @@ import yaml
 
 from .admission import admit
 from .namespaces.file import parse_namespaces
+from .nodes import FixedNodes, parse_nodes
 from .review import request_for
 from .rules import Rule, parse_rule_file
 
-CASE_FILES = ("input.yaml", "namespaces.yaml", "old.yaml", "expected.yaml", "denied.txt",
-              "warnings.txt", "rule.yaml")
+CASE_FILES = ("input.yaml", "namespaces.yaml", "nodes.yaml", "old.yaml", "expected.yaml",
+              "denied.txt", "warnings.txt", "rule.yaml")
 
 
 @dataclass(frozen=True)
@@ -133,7 +137,10 @@ def _judge(case: Case, rules: Sequence[Rule]) -> CaseResult:
     old_path, ns_path = case.path / "old.yaml", case.path / "namespaces.yaml"
     old = yaml.safe_load(old_path.read_text()) if old_path.exists() else None
     namespaces = parse_namespaces(ns_path.read_text()) if ns_path.exists() else {}
-    decision = admit(request_for(obj, old), namespaces.get, selected)
+    nodes_path = case.path / "nodes.yaml"
+    nodes = FixedNodes(parse_nodes(nodes_path.read_text())) if nodes_path.exists() else None
+    decision = admit(request_for(obj, old), namespaces.get, selected,
+                     nodes.pools if nodes is not None else None)
     response = decision.response
     problems = []
     denied_path = case.path / "denied.txt"

@@ -1,4 +1,5 @@
-"""Owns the ``poolkeeper`` command line: serve, mutate, test, export, certs, audit and status."""
+"""Owns the ``poolkeeper`` command line: serve, mutate, test, export, certs, audit, status
+and pools."""
 
 from __future__ import annotations
 
@@ -173,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "'poolkeeper completion fish > ~/.config/fish/completions/poolkeeper.fish'.")
     completion.add_argument("shell", choices=("bash", "zsh", "fish"))
     _add_cluster_commands(commands)
+    _add_pools_command(commands)
     return parser
 
 
@@ -215,6 +217,27 @@ def _add_cluster_commands(
     status.add_argument("--namespace", "-n", default="poolkeeper-system", metavar="NS",
                         help="poolkeeper's namespace (default poolkeeper-system)")
     status.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
+
+
+def _add_pools_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``pools`` (app.pools): its own options, no Settings."""
+    pools = commands.add_parser(
+        "pools", help="list each node pool: its namespaces, nodes and tolerations",
+        description="For each PoolPlacement rule in force, every pool it knows (listed in "
+                    "pools:, named by a namespace label or annotation, the defaultPool, or "
+                    "carried by a node): the namespaces pinned to it, its nodes and how many "
+                    "are Ready, and the tolerations its pods get. Namespaces and nodes come "
+                    "from the cluster of the kubeconfig, or from files.")
+    pools.add_argument("--rules", dest="rules_dir", metavar="DIR",
+                       help="rules whose PoolPlacement params say the pools (default: the "
+                            "shipped rules/)")
+    pools.add_argument("--kubeconfig", metavar="FILE",
+                       help="kubeconfig to use (default: in-cluster, else $KUBECONFIG)")
+    pools.add_argument("--namespaces", dest="namespaces_file", metavar="FILE",
+                       help="offline: Namespace objects (kubectl get ns -o yaml)")
+    pools.add_argument("--nodes", dest="nodes_file", metavar="FILE",
+                       help="offline: nodes (kubectl get nodes -o yaml)")
+    pools.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
 
 
 _NOT_SETTINGS = {"command", "input", "output", "object_namespace", "cases", "rule", "format",
@@ -263,6 +286,10 @@ def _run(args: argparse.Namespace) -> int:
             from . import status
 
             return status.command(args)
+        if args.command == "pools":
+            from . import pools
+
+            return pools.command(args)
         return certs(args)
     except ConfigError as exc:
         print(f"poolkeeper: {exc}", file=sys.stderr)
@@ -319,7 +346,7 @@ def mutate(args: argparse.Namespace) -> int:
             source = namespace_source(settings)
         except KubeConfigError as exc:
             raise InputError(no_cluster_hint(str(exc))) from None
-        outcomes = judge(document, rules, source.labels, args.object_namespace, sys.stderr,
+        outcomes = judge(document, rules, source.namespace, args.object_namespace, sys.stderr,
                          settings.namespaces_file)
     except (InputError, ReviewError, ObjectShapeError, NamespaceLookupError) as exc:
         print(f"poolkeeper: {exc}", file=sys.stderr)

@@ -24,6 +24,8 @@ from .webhook import flask_app
 if TYPE_CHECKING:
     from flask import Flask
 
+    from .nodes import NodeSource
+
 
 class Background(Protocol):
     """A thread of the serving process beyond the namespace source and the event sender."""
@@ -47,6 +49,9 @@ class Services:
     # with namespaces from the API server: the replica record and audit Lease campaign
     # (app.leases.ReplicaPresence), then the periodic audit (app.audit.AuditLoop) when enabled
     background: tuple[Background, ...] = ()
+    # the node pools the rules may ask about (a watch of the API server's nodes, started by the
+    # first lookup); None without a cluster
+    nodes: NodeSource | None = None
     started: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -72,6 +77,8 @@ class Services:
             self.source.stop()
             if self.events is not None:
                 self.events.stop()
+            if self.nodes is not None:
+                self.nodes.stop()
             if self.api_client is not None:
                 self.api_client.close()
                 self.api_client = None
@@ -100,13 +107,14 @@ class Services:
 
 def create_app(settings: Settings | None = None, *, source: NamespaceSource | None = None,
                rules: RuleStore | None = None, events: EventRecorder | None = None,
-               watcher: FileWatcher | None = None) -> Flask:
+               watcher: FileWatcher | None = None, nodes: NodeSource | None = None) -> Flask:
     """The app; with no arguments, settings come from the ``POOLKEEPER_*`` environment.
 
     Without an explicit ``source``, namespaces come from the settings' file or, when there is
-    none, from the API server, through one kubernetes client that the event recorder shares
-    (unless an explicit ``events`` is given), the replica record (``poolkeeper status``) and,
-    with ``audit_interval``, the audit. Nothing is started.
+    none, from the API server, through one kubernetes client that the event recorder (unless an
+    explicit ``events`` is given), the node watch (unless an explicit ``nodes`` is given), the
+    replica record (``poolkeeper status``) and, with ``audit_interval``, the audit share.
+    Nothing is started.
     """
     settings = settings or load_settings()
     metrics.initialise()
@@ -121,11 +129,16 @@ def create_app(settings: Settings | None = None, *, source: NamespaceSource | No
             api_client = load_api_client(settings.kubeconfig)
             if events is None:
                 events = EventRecorder(api_poster(api_client))
+            if nodes is None:
+                from .nodes.informer import KubeNodes
+
+                nodes = KubeNodes(api_client, max_stale=settings.max_stale)
         source = namespace_source(settings, api_client, watcher)
         if api_client is not None:
             background = _cluster_threads(settings, api_client, source, rules)
     return flask_app(Services(settings, source, rules, events, cert_paths(settings.cert_dir)[0],
-                              watcher, api_client=api_client, background=background))
+                              watcher, api_client=api_client, background=background,
+                              nodes=nodes))
 
 
 def _cluster_threads(settings: Settings, api_client: Any, source: NamespaceSource,

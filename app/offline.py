@@ -8,7 +8,7 @@ the output and play no part in the decision (no rule reads them).
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -20,6 +20,7 @@ from .admission import Decision, admit
 from .kinds import template_path
 from .review import AdmissionRequest, encode_review, parse_review, request_for
 from .rules import Rule
+from .rules.base import NamespaceLookup
 from .text import quote
 
 LIST_KINDS = ("List",)  # kubectl get -o yaml of several objects; also *List kinds
@@ -117,9 +118,9 @@ class Outcome:
         return self.request.object
 
 
-def judge(document: Document, rules: Sequence[Rule],
-          labels: Callable[[str], Mapping[str, str] | None], namespace: str | None,
-          err: TextIO, namespaces_file: str | None = None) -> list[Outcome]:
+def judge(document: Document, rules: Sequence[Rule], namespaces: NamespaceLookup,
+          namespace: str | None, err: TextIO,
+          namespaces_file: str | None = None) -> list[Outcome]:
     """Judge every object; notes (unhandled kinds, namespaces missing from the file) on ``err``."""
     outcomes = []
     warned: set[str] = set()
@@ -129,11 +130,11 @@ def judge(document: Document, rules: Sequence[Rule],
             print(f"poolkeeper: no rule acts on {request.gvk.kind} "
                   f"({quote(_api_version(request))}): printed unchanged", file=err)
         elif (namespaces_file and request.namespace and request.gvk.kind != "Namespace"
-              and request.namespace not in warned and labels(request.namespace) is None):
+              and request.namespace not in warned and namespaces(request.namespace) is None):
             warned.add(request.namespace)
             print(f"Warning: namespace {quote(request.namespace)} is not in {namespaces_file}: "
                   "treated as unlabelled", file=err)
-        outcomes.append(Outcome(request, admit(request, labels, rules)))
+        outcomes.append(Outcome(request, admit(request, namespaces, rules)))
     return outcomes
 
 

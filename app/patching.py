@@ -1,11 +1,13 @@
 """Owns JSONPatch construction: JSON Pointer escaping and an edit API rules use instead of pointers.
 
-Rules never write pointer strings. They call :meth:`ObjectEditor.set` and
-:meth:`ObjectEditor.remove` with a path of keys and list indexes; the editor emits one minimal
-operation per change (an ``add`` of one key, never of a whole map that already exists, which
-would silently drop the user's other keys) and keeps a copy-on-write view of the edited object,
-so a later rule in the same pass sees earlier edits while the request object stays untouched.
-No deep copy and no whole-object diff: the cost is proportional to the edit, not the object.
+Rules never write pointer strings. They call :meth:`ObjectEditor.set`,
+:meth:`ObjectEditor.append` and :meth:`ObjectEditor.remove` with a path of keys and list
+indexes; the editor emits one minimal operation per change (an ``add`` of one key, never of a
+whole map that already exists, which would silently drop the user's other keys; an ``add`` at
+the end of a list, ``.../-``, never a replace of the list) and keeps a copy-on-write view of the
+edited object, so a later rule in the same pass sees earlier edits while the request object
+stays untouched. No deep copy and no whole-object diff: the cost is proportional to the edit,
+not the object.
 """
 
 from __future__ import annotations
@@ -130,6 +132,20 @@ class ObjectEditor:
                 return False
             return self._apply("replace", path, value)
         raise ObjectShapeError(f"{describe(path[:-1])} cannot hold {describe(path)}")
+
+    def append(self, path: Path, value: Any) -> None:
+        """Add ``value`` at the end of the list at ``path`` (``add .../-``: the items already
+        there stay as they are), creating the list, and missing maps above it, when absent or
+        null."""
+        current = lookup(self.current, path, _MISSING)
+        if current is _MISSING:
+            self.set(path, [value])
+            return
+        if not isinstance(current, list):
+            raise ObjectShapeError(f"{describe(path)} must be a list, not "
+                                   f"{type(current).__name__}")
+        self._writable_parent((*path, len(current))).append(value)
+        self.ops.append({"op": "add", "path": pointer((*path, "-")), "value": value})
 
     def remove(self, path: Path) -> bool:
         """Remove ``path``; False when it is not there."""

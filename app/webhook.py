@@ -139,8 +139,9 @@ def _judge(services: Services, webhook: str | None) -> tuple[AdmissionRequest,
     except RecursionError:
         raise RequestError(400, _TOO_DEEP) from None
     try:
-        return review_request, admission.admit(review_request, services.source.labels,
-                                               services.rules.rules(webhook))
+        nodes = services.nodes.pools if services.nodes is not None else None
+        return review_request, admission.admit(review_request, services.source.namespace,
+                                               services.rules.rules(webhook), nodes)
     except ObjectShapeError as exc:
         raise RequestError(400, f"request.object is malformed: {exc}", review_request) from None
     except RecursionError:  # only input nests deep enough: poolkeeper's own code is flat

@@ -724,3 +724,215 @@ def test_tier_uninstall_removes_the_webhook_and_backstop_first_and_is_idempotent
         assert " deleted" not in second.stdout + second.stderr
         again = tier.core.create_namespaced_pod(tier.pool1, pod(unique("web")))
         assert again.spec.node_selector is None
+
+
+# -- pools: tolerations, allowed pools, opt-out, pools that exist --------------------------------
+
+SPOT_TAINT = {"key": "kubernetes.azure.com/scalesetpriority", "operator": "Equal",
+              "value": "spot", "effect": "NoSchedule"}
+POOL_RULE = "agentpool-node-selector.yaml"
+
+
+@contextlib.contextmanager
+def pool_params(tier: Tier, **params) -> Iterator[None]:
+    """The server's pool rule with other params for the block (the rules directory is reloaded
+    within about a second); the rule as it was afterwards."""
+    path = tier.rules_dir / POOL_RULE
+    shipped = path.read_text()
+    rule = yaml.safe_load(shipped)
+    rule["params"].update(params)
+    path.write_text(yaml.safe_dump(rule, sort_keys=False))
+    try:
+        yield
+    finally:
+        path.write_text(shipped)
+
+
+def namespace(tier: Tier, prefix: str, labels: dict | None = None,
+              annotations: dict | None = None) -> str:
+    name = unique(prefix)
+    metadata: dict = {"name": name, "labels": dict(labels or {})}
+    if annotations:
+        metadata["annotations"] = dict(annotations)
+    tier.core.create_namespace({"metadata": metadata})
+    return name
+
+
+def test_tier_pods_of_a_tainted_pool_get_its_tolerations(live: Tier):
+    spot = namespace(live, "team-spot", {"agentpool": "spot"})
+    own = {"key": "example.com/dedicated", "operator": "Exists", "effect": "NoSchedule"}
+    with pool_params(live, pools={"spot": {"tolerations": [SPOT_TAINT]}}):
+        def tolerated() -> bool:
+            shown = live.core.create_namespaced_pod(spot, pod(unique("probe")), dry_run="All")
+            return bool(shown.spec.tolerations)
+
+        wait_for(tolerated, "the pool rule with the spot pool to be loaded")
+        body = pod(unique("batch"))
+        body["spec"]["tolerations"] = [own]
+        created = live.api.sanitize_for_serialization(
+            live.core.create_namespaced_pod(spot, body))
+        assert created["spec"]["nodeSelector"] == {"agentpool": "spot"}
+        assert created["spec"]["tolerations"] == [own, SPOT_TAINT]  # added after the pod's own
+        again = live.core.create_namespaced_pod(
+            spot, {**created, "metadata": {"name": unique("again")}}, dry_run="All")
+        assert len(again.spec.tolerations) == 2  # the second pass adds nothing
+
+        agent = live.apps.create_namespaced_daemon_set(spot, daemonset(unique("agent")))
+        template = live.api.sanitize_for_serialization(agent.spec.template.spec)
+        assert template["tolerations"] == [SPOT_TAINT]
+        # a Deployment's template is judged, never patched: its pods get the toleration
+        deployment = controller("deployment", "without-pool-is-left-unchanged", spot)
+        live.create(deployment)
+        stored = live.apps.read_namespaced_deployment(deployment["metadata"]["name"], spot)
+        assert stored.spec.template.spec.tolerations is None
+
+
+def test_tier_pod_may_choose_a_pool_its_namespace_allows(live: Tier):
+    team = namespace(live, "team-ml", {"agentpool": "pool1"},
+                     {"poolkeeper.io/allowed-pools": "gpu, spot"})
+    gpu_taint = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    with pool_params(live, pools={"gpu": {"tolerations": [gpu_taint]}}):
+        def loaded() -> bool:
+            shown = live.core.create_namespaced_pod(team, pod(unique("probe"),
+                                                              selector={"agentpool": "gpu"}),
+                                                    dry_run="All")
+            return bool(shown.spec.tolerations)
+
+        wait_for(loaded, "the pool rule with the gpu pool to be loaded")
+        created = live.core.create_namespaced_pod(team, pod(unique("train"),
+                                                            selector={"agentpool": "gpu"}))
+        assert created.spec.node_selector == {"agentpool": "gpu"}
+        assert live.api.sanitize_for_serialization(created.spec.tolerations) == [gpu_taint]
+        default = live.core.create_namespaced_pod(team, pod(unique("web")))
+        assert default.spec.node_selector == {"agentpool": "pool1"}  # its own pool by default
+        with pytest.raises(ApiException) as caught:
+            live.core.create_namespaced_pod(team, pod(unique("web"),
+                                                      selector={"agentpool": "pool2"}))
+        assert caught.value.status == 403
+        assert 'or to one of "gpu", "spot"' in status_message(caught.value)
+
+
+def test_tier_backstop_accepts_allowed_pools_when_the_webhook_is_bypassed(live: Tier):
+    team = namespace(live, "team-ml", {"agentpool": "pool1"},
+                     {"poolkeeper.io/allowed-pools": " gpu,spot"})
+    live.admission.delete_mutating_webhook_configuration(MWC)
+    try:
+        def denied_by_policy() -> bool:
+            try:
+                live.core.create_namespaced_pod(team, pod(unique("probe")), dry_run="All")
+            except ApiException as exc:
+                if exc.status == 403 and POLICY in status_message(exc):
+                    return True
+                raise
+            return False
+
+        wait_for(denied_by_policy, "the webhook configuration to be removed")
+        for chosen in ("pool1", "gpu", "spot"):  # the CEL splits and trims the annotation
+            created = live.core.create_namespaced_pod(
+                team, pod(unique("web"), selector={"agentpool": chosen}))
+            assert created.spec.node_selector == {"agentpool": chosen}
+        with pytest.raises(ApiException) as caught:
+            live.core.create_namespaced_pod(team, pod(unique("web"),
+                                                      selector={"agentpool": "pool2"}))
+        assert caught.value.status == 403 and POLICY in status_message(caught.value)
+    finally:
+        live.ensure_webhook()
+
+
+def test_tier_namespace_with_an_empty_pool_label_has_opted_out(live: Tier):
+    opted = namespace(live, "storage-operator", {"agentpool": ""})
+    name = unique("csi")
+    created = live.core.create_namespaced_pod(opted, pod(name))
+    assert created.spec.node_selector is None  # neither pinned nor denied by the backstop
+    # not even sent to the fail-closed placement webhook (its namespaceSelector): it never
+    # waits on poolkeeper
+    assert [e for e in live.admissions(name) if e["rules"] == ["agentpool-node-selector"]] == []
+    live.server.stop()
+    try:
+        live.core.create_namespaced_pod(opted, pod(unique("csi")))  # poolkeeper down: still fine
+    finally:
+        live.ensure_webhook()
+
+
+def node(name: str, pool: str) -> dict:
+    return {"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "labels": {"agentpool": pool,
+                                                  "kubernetes.io/hostname": name}}}
+
+
+def kubectl_create(tier: Tier, tmp_path: Path, obj: dict,
+                   *args: str) -> subprocess.CompletedProcess:
+    manifest = tmp_path / f"{obj['metadata']['name']}.yaml"
+    manifest.write_text(yaml.safe_dump(obj))
+    return run_kubectl(tier.apiserver, "create", "-f", str(manifest), *args)
+
+
+def pooled_namespace(name: str, pool: str) -> dict:
+    return {"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": name, "labels": {"agentpool": pool}}}
+
+
+def test_tier_namespace_labelled_with_a_pool_no_node_has_gets_a_warning(live: Tier,
+                                                                         tmp_path: Path):
+    # miniapiserver serves Nodes as plain objects: these stand for the cluster's node pools
+    nodes = [unique("aks-pool1"), unique("aks-pool2")]
+    for name, pool in zip(nodes, ("pool1", "pool2"), strict=True):
+        live.core.create_node(node(name, pool))
+    try:
+        typo = unique("team-typo")
+        result = kubectl_create(live, tmp_path, pooled_namespace(typo, "pol1"))
+        assert result.returncode == 0, result.stderr
+        assert ("Warning: [agentpool-node-selector] no node has agentpool=pol1: pods would stay "
+                "Pending (pools with nodes: pool1, pool2") in result.stderr
+        assert live.core.read_namespace(typo).metadata.labels["agentpool"] == "pol1"  # warned only
+
+        # relabelling the namespace is judged again; other updates are not sent
+        relabelled = run_kubectl(live.apiserver, "label", "namespace", typo, "agentpool=pool9",
+                                 "--overwrite")
+        assert relabelled.returncode == 0 and "no node has agentpool=pool9" in relabelled.stderr
+        annotated = run_kubectl(live.apiserver, "annotate", "namespace", typo, "example.com/a=b")
+        assert annotated.returncode == 0 and "[agentpool-node-selector]" not in annotated.stderr
+        updates = [e for e in live.admissions(typo) if e["operation"] == "UPDATE"]
+        assert len(updates) == 1  # the relabel only (matchConditions)
+
+        # a node relabelled into the pool: the node watch sees it, and the warning goes
+        live.core.patch_node(nodes[1], {"metadata": {"labels": {"agentpool": "pool9"}}})
+        probe = pooled_namespace(unique("probe"), "pool9")
+
+        def pool9_has_nodes() -> bool:
+            shown = kubectl_create(live, tmp_path, probe, "--dry-run=server")
+            assert shown.returncode == 0, shown.stderr
+            return "[agentpool-node-selector]" not in shown.stderr
+
+        wait_for(pool9_has_nodes, "the node watch to see the relabelled node")
+    finally:
+        for name in nodes:
+            live.core.delete_node(name)
+
+
+def test_tier_namespace_with_an_unknown_pool_is_denied_with_unknown_pools_deny(live: Tier,
+                                                                               tmp_path: Path):
+    with pool_params(live, unknownPools="deny"):
+        def denies() -> bool:
+            try:
+                live.core.create_namespace({"metadata": {"name": unique("probe"),
+                                                         "labels": {"agentpool": "nowhere"}}},
+                                           dry_run="All")
+            except ApiException as exc:
+                if exc.status == 403:
+                    return True
+                raise
+            return False
+
+        wait_for(denies, "the pool rule with unknownPools: deny to be loaded")
+        result = kubectl_create(live, tmp_path, pooled_namespace(unique("team-typo"), "pol1"))
+        assert result.returncode != 0
+        assert ('admission webhook "namespaces.poolkeeper.io" denied the request: '
+                "[agentpool-node-selector] namespace") in result.stderr
+        assert "no node has agentpool=pol1" in result.stderr
+    live.server.stop()
+    try:  # the namespaces webhook fails open: with poolkeeper down, namespaces are created
+        live.core.create_namespace({"metadata": {"name": unique("team-down"),
+                                                 "labels": {"agentpool": "nowhere"}}})
+    finally:
+        live.ensure_webhook()

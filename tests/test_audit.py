@@ -195,6 +195,28 @@ def test_audit_default_pool_covers_unlabelled_namespaces():
     assert "deployment/coredns" not in by_ref(result)  # kube-system stays excluded
 
 
+def test_audit_honours_allowed_pools_and_the_empty_label_opt_out(tmp_path):
+    from app.rules import PoolPlacement
+
+    namespaces = yaml.safe_load((AUDIT / "namespaces.yaml").read_text())
+    for item in namespaces["items"]:
+        if item["metadata"]["name"] == "team-a":  # relabelled to pool2, pods still on pool1
+            item["metadata"]["annotations"] = {"poolkeeper.io/allowed-pools": "pool1"}
+        if item["metadata"]["name"] == "sandbox":
+            item["metadata"]["labels"]["agentpool"] = ""  # opted out
+    (tmp_path / "ns.yaml").write_text(yaml.safe_dump(namespaces))
+    (rule,) = [r for r in rules() if r.name == "agentpool-node-selector"]
+    with_default = dataclasses.replace(rule, policy=PoolPlacement(defaultPool="pool1"))
+    lines = {ref: sorted(w.reasons) for ref, w in by_ref(
+        audit_files([with_default], str(tmp_path / "ns.yaml"), PODS, NODES)).items()}
+    # pods keeping pool1, which team-a allows, are drift only on a node of another pool (api
+    # on node-p2, and pinned, on its own pool2, on node-p1); those without a key still are;
+    # sandbox's pod is not audited at all
+    assert lines == {"deployment/api": ["node-in-other-pool"],
+                     "job/migrate-28471230": ["no-pool-key"], "pod/debug": ["no-pool-key"],
+                     "pod/pinned": ["node-in-other-pool"]}
+
+
 def test_audit_read_objects_accepts_streams_and_typed_lists(tmp_path):
     (tmp_path / "stream.yaml").write_text("kind: Pod\nmetadata: {name: a}\n---\n---\n"
                                           "kind: PodList\nitems: [{metadata: {name: b}}]\n")

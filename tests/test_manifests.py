@@ -223,13 +223,16 @@ def test_manifests_webhooks_are_as_the_issue_says(webhooks):
     assert rules(webhooks["defaults.poolkeeper.io"]) == {(("",), ("v1",), ("pods",),
                                                           ("CREATE",))}
     assert rules(webhooks["namespaces.poolkeeper.io"]) == {(("",), ("v1",), ("namespaces",),
-                                                            ("CREATE",))}
+                                                            ("CREATE", "UPDATE"))}
     assert rules(webhooks["workloads.poolkeeper.io"]) == {
         (("apps",), ("v1",), ("deployments", "replicasets", "statefulsets"), ("CREATE", "UPDATE")),
         (("batch",), ("v1",), ("jobs", "cronjobs"), ("CREATE", "UPDATE")),
         (("",), ("v1",), ("replicationcontrollers",), ("CREATE", "UPDATE"))}
-    assert {"key": "agentpool", "operator": "Exists"} in \
-        webhooks["placement.poolkeeper.io"]["namespaceSelector"]["matchExpressions"]
+    placement_namespaces = webhooks["placement.poolkeeper.io"]["namespaceSelector"]
+    assert {"key": "agentpool", "operator": "Exists"} in placement_namespaces["matchExpressions"]
+    # namespaces that opted out (an empty pool label) never wait on the fail-closed webhook
+    assert {"key": "agentpool", "operator": "NotIn", "values": [""]} in \
+        placement_namespaces["matchExpressions"]
 
 
 def test_manifests_placement_skips_mirror_pods(webhooks):
@@ -250,9 +253,20 @@ def test_manifests_placement_gets_only_pod_updates_that_can_change_placement(web
     assert " ".join(condition.split()) == (
         "request.operation != 'UPDATE' || request.resource.resource != 'pods' || "
         "(has(oldObject.spec.schedulingGates) && size(oldObject.spec.schedulingGates) > 0)")
-    # The fail-open webhooks get no UPDATEs at all.
-    for name in ("defaults.poolkeeper.io", "namespaces.poolkeeper.io"):
-        assert all(r["operations"] == ["CREATE"] for r in webhooks[name]["rules"])
+    # The fail-open defaults get no UPDATEs at all; namespaces only those that change the pool
+    # label (the pool rule's check that the pool has nodes).
+    assert all(r["operations"] == ["CREATE"] for r in webhooks["defaults.poolkeeper.io"]["rules"])
+
+
+def test_manifests_namespaces_get_only_updates_that_change_the_pool_label(webhooks):
+    (condition,) = webhooks["namespaces.poolkeeper.io"]["matchConditions"]
+    assert condition["name"] == "update-changes-the-pool-label"
+    key = yaml.safe_load((ROOT / "rules/agentpool-node-selector.yaml").read_text())[
+        "params"]["namespaceLabelKey"]
+    label = "has({o}.metadata.labels) && '{k}' in {o}.metadata.labels ? {o}.metadata.labels['{k}'] : ''"
+    assert " ".join(condition["expression"].split()) == (
+        f"request.operation != 'UPDATE' || ({label.format(o='object', k=key)}) != "
+        f"({label.format(o='oldObject', k=key)})")
 
 
 def test_manifests_webhooks_send_each_rule_what_it_matches(webhooks):
@@ -261,6 +275,7 @@ def test_manifests_webhooks_send_each_rule_what_it_matches(webhooks):
     rule on /mutate), and each webhook excludes at least the namespaces the rules served there
     exclude."""
     from app.kinds import OBJECT_KINDS
+    from app.rules.loader import ELSEWHERE
 
     resources = {name: (kind.group, name.lower() + "s") for name, kind in OBJECT_KINDS.items()}
     resources["Namespace"] = ("", "namespaces")
@@ -268,8 +283,8 @@ def test_manifests_webhooks_send_each_rule_what_it_matches(webhooks):
         doc = yaml.safe_load((ROOT / "rules" / f"{rule.name}.yaml").read_text())
         for kind in doc["match"]["kinds"]:
             own = kind in ("Pod", "DaemonSet", "Namespace")
-            webhook = webhooks[f"{doc['webhook']}.poolkeeper.io" if own else
-                               "workloads.poolkeeper.io"]
+            path = ELSEWHERE.get(rule.kind_name, {}).get(kind, doc["webhook"])
+            webhook = webhooks[f"{path}.poolkeeper.io" if own else "workloads.poolkeeper.io"]
             assert own or webhook["clientConfig"]["service"]["path"] == "/mutate", kind
             group, resource = resources[kind]
             for operation in doc["match"]["operations"]:
@@ -426,9 +441,11 @@ def test_manifests_cluster_role_grants_only_what_is_used(base):
     role = by_kind(base, "ClusterRole")
     assert role["rules"] == [
         {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "watch"]},
+        # the pool rule's node watch (unknownPools), and the drift audit's node lists
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]},
         {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
         # the drift audit reads, paged
-        {"apiGroups": [""], "resources": ["pods", "nodes"], "verbs": ["list"]},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
         {"apiGroups": ["apps"], "resources": ["replicasets", "daemonsets"], "verbs": ["list"]}]
     subjects = [{"kind": "ServiceAccount", "name": "poolkeeper", "namespace": "poolkeeper-system"}]
     binding = by_kind(base, "ClusterRoleBinding")
@@ -463,6 +480,7 @@ def test_manifests_admission_policy_matches_the_placement_webhook_and_rule(base,
     params = yaml.safe_load((ROOT / "rules/agentpool-node-selector.yaml").read_text())["params"]
     assert variables["namespaceLabelKey"] == repr(params["namespaceLabelKey"])
     assert variables["nodeLabelKey"] == repr(params["nodeLabelKey"])
+    assert variables["allowedPoolsAnnotation"] == repr(params["allowedPoolsAnnotation"])
     assert policy["spec"]["failurePolicy"] == "Fail"
     assert "kubernetes.io/config.mirror" in policy["spec"]["matchConditions"][0]["expression"]
     binding = by_kind(base, "ValidatingAdmissionPolicyBinding")

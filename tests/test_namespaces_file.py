@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from app.config import ConfigError, Settings
-from app.namespaces import NamespacesFileError, NamespaceSource, namespace_source
+from app.namespaces import Namespace, NamespacesFileError, NamespaceSource, namespace_source
 from app.namespaces.file import FileNamespaces
 from app.watch import FileWatcher
 
@@ -97,6 +97,30 @@ def test_file_namespaces_start_and_stop_are_harmless(tmp_path):
     assert source.labels("team-a")["agentpool"] == "pool1"
     source.stop()
     source.stop()
+
+
+def test_file_namespaces_keep_only_poolkeeper_annotations(tmp_path):
+    text = """\
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: team-ml
+  labels: {agentpool: pool1}
+  annotations:
+    poolkeeper.io/allowed-pools: gpu,shared
+    kubectl.kubernetes.io/last-applied-configuration: '{"a": "big blob"}'
+    poolkeeper.io/odd: 5
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: plain, annotations: {example.com/note: x}}
+"""
+    source = FileNamespaces(write(tmp_path / "ns.yaml", text))
+    assert source.namespace("team-ml") == Namespace({"agentpool": "pool1"},
+                                                    {"poolkeeper.io/allowed-pools": "gpu,shared"})
+    assert source.namespace("plain") == Namespace({})
+    assert source.namespace("nope") is None
+    assert source.labels("team-ml") == {"agentpool": "pool1"}
 
 
 def test_file_namespaces_returns_copies(tmp_path):

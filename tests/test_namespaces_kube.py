@@ -19,8 +19,9 @@ from prometheus_client import REGISTRY
 from app import kube
 from app.config import ConfigError, Settings
 from app.kube import KubeConfigError, load_api_client
-from app.namespaces import NamespaceLookupError, NamespaceSource, namespace_source
-from app.namespaces.informer import KubeNamespaces, _Expired, _lines, _WatchError
+from app.listwatch import _Expired, _lines, _WatchError
+from app.namespaces import Namespace, NamespaceLookupError, NamespaceSource, namespace_source
+from app.namespaces.informer import KubeNamespaces
 
 from .apiserver import MiniApiServer, apiserver_fixture
 
@@ -199,6 +200,22 @@ def test_kube_namespaces_relabel_is_seen_through_the_watch(core, make_source):
     assert source.labels(name) == {**labels, "agentpool": "pool2"}
     assert requests.reads() == 0
     assert source.state()["last_event_age"] is not None
+
+
+@pytest.mark.apiserver
+def test_kube_namespaces_annotations_are_seen_through_list_watch_and_get(core, make_source):
+    name, labels = new_namespace(core, agentpool="pool1")
+    core.patch_namespace(name, {"metadata": {"annotations": {
+        "poolkeeper.io/allowed-pools": "gpu", "example.com/other": "dropped"}}})
+    source, requests = make_source()
+    assert source.namespace(name) == Namespace(labels, {"poolkeeper.io/allowed-pools": "gpu"})
+    core.patch_namespace(name, {"metadata": {"annotations": {
+        "poolkeeper.io/allowed-pools": "gpu,spot"}}})
+    wait_until(lambda: source.namespace(name).annotations ==
+               {"poolkeeper.io/allowed-pools": "gpu,spot"}, "the new annotation")
+    assert source.labels(name) == labels and requests.reads() == 0
+    # a GET (the watch does not know the name yet) keeps them too
+    assert source._get(name) == source.namespace(name)
 
 
 @pytest.mark.apiserver
@@ -521,6 +538,20 @@ def test_kube_namespaces_handle_event_applies_watch_events(offline_source):
     assert source._store == {"a": {"agentpool": "p2"}}
     assert source.state()["last_event_age"] is not None
     assert before <= count(LAST_EVENT) <= time.time()
+
+
+def test_kube_namespaces_store_keeps_labels_and_only_poolkeeper_annotations(offline_source):
+    source = offline_source
+    added = event("ADDED", "ml", "20", {"agentpool": "pool1"})
+    added["object"]["metadata"]["annotations"] = {
+        "poolkeeper.io/allowed-pools": "gpu", "kubectl.kubernetes.io/last-applied-configuration":
+        "{...}"}
+    source.handle_event(added)
+    source.handle_event(event("ADDED", "plain", "21", {"agentpool": "pool2"}))
+    # a namespace without such annotations costs only its labels
+    assert source._store == {"ml": Namespace({"agentpool": "pool1"},
+                                             {"poolkeeper.io/allowed-pools": "gpu"}),
+                             "plain": {"agentpool": "pool2"}}
 
 
 def test_kube_namespaces_handle_event_410_means_list_again(offline_source):

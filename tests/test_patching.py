@@ -85,6 +85,39 @@ def test_patching_remove():
     assert editor.ops == [{"op": "remove", "path": "/m/k"}, {"op": "remove", "path": "/m/n"}]
 
 
+def test_patching_append_adds_at_the_end_and_keeps_what_is_there():
+    tolerations = [{"key": "a/b", "operator": "Exists"}]
+    editor = roundtrip({"spec": {"tolerations": tolerations}},
+                       [lambda e: e.append(("spec", "tolerations"), {"key": "x"}),
+                        lambda e: e.append(("spec", "tolerations"), {"key": "y"})])
+    assert editor.ops == [{"op": "add", "path": "/spec/tolerations/-", "value": {"key": "x"}},
+                          {"op": "add", "path": "/spec/tolerations/-", "value": {"key": "y"}}]
+    assert editor.current["spec"]["tolerations"] == [*tolerations, {"key": "x"}, {"key": "y"}]
+    assert tolerations == [{"key": "a/b", "operator": "Exists"}]  # copied, not appended to
+
+
+@pytest.mark.parametrize("obj, op", [
+    ({"spec": {}}, {"op": "add", "path": "/spec/tolerations", "value": [{"key": "x"}]}),
+    ({"spec": {"tolerations": None}},
+     {"op": "add", "path": "/spec/tolerations", "value": [{"key": "x"}]}),
+    ({}, {"op": "add", "path": "/spec", "value": {"tolerations": [{"key": "x"}]}}),
+])
+def test_patching_append_creates_a_missing_list(obj, op):
+    editor = roundtrip(obj, [lambda e: e.append(("spec", "tolerations"), {"key": "x"}),
+                             lambda e: e.append(("spec", "tolerations"), {"key": "y"})])
+    assert editor.ops == [op, {"op": "add", "path": "/spec/tolerations/-", "value": {"key": "y"}}]
+
+
+def test_patching_append_escapes_the_path_once():
+    editor = roundtrip({"m": {"a/b~c": []}}, [lambda e: e.append(("m", "a/b~c"), 1)])
+    assert editor.ops == [{"op": "add", "path": "/m/a~1b~0c/-", "value": 1}]
+
+
+def test_patching_append_to_a_non_list_is_a_shape_error():
+    with pytest.raises(ObjectShapeError, match="spec.tolerations must be a list"):
+        ObjectEditor({"spec": {"tolerations": {"key": "x"}}}).append(("spec", "tolerations"), {})
+
+
 @pytest.mark.parametrize("obj, path", [
     ({"spec": "x"}, ("spec", "k")),
     ({"spec": {"a": 3}}, ("spec", "a", "b")),

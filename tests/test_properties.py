@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from app.admission import admit
+from app.namespaces import Namespace
 from app.rules import PoolPlacement
 
 from .support import make_request, shipped_rules
@@ -32,6 +33,25 @@ affinity = st.one_of(st.none(), st.builds(
     lambda terms: {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
         "nodeSelectorTerms": terms}}}, st.lists(term, max_size=3)))
 
+
+# Tolerations a pod may carry and pools may add: some equal but for fields that do not make a
+# toleration another (operator Equal or absent, tolerationSeconds).
+tolerations = st.sampled_from([
+    {"key": "kubernetes.azure.com/scalesetpriority", "operator": "Equal", "value": "spot",
+     "effect": "NoSchedule"},
+    {"key": "kubernetes.azure.com/scalesetpriority", "value": "spot", "effect": "NoSchedule"},
+    {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+    {"key": "sku", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"},
+    {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute",
+     "tolerationSeconds": 300},
+    {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute"},
+    {"operator": "Exists"},
+])
+node_label_maps = st.dictionaries(st.sampled_from(["kubernetes.io/arch", "disk", "a~b/c"]),
+                                  st.sampled_from(["amd64", "arm64", "ssd"]), max_size=2)
+pool_specs = st.dictionaries(pools, st.one_of(st.none(), st.fixed_dictionaries(
+    {}, optional={"tolerations": st.lists(tolerations, max_size=3),
+                  "nodeLabels": node_label_maps})), max_size=3)
 
 quantities = st.sampled_from(["100m", "0.1", "1", "1000m", "256Mi", "268435456", "1Gi", "2"])
 resource_lists = st.dictionaries(st.sampled_from(["cpu", "memory", "ephemeral-storage"]),
@@ -70,6 +90,9 @@ def pod_specs(draw):
         spec["affinity"] = aff
     if draw(st.integers(0, 3)) == 0:
         spec["nodeName"] = "node-1"
+    own = draw(st.one_of(st.none(), st.lists(tolerations, max_size=3)))
+    if own is not None:
+        spec["tolerations"] = own
     return spec
 
 
@@ -82,6 +105,9 @@ def objects(draw):
     if kind == "Namespace":
         name = draw(st.sampled_from(["12345-pay-prod", "sandbox", "a-b-c", "kube-system",
                                      "99999-x-dev"]))
+        pool = draw(st.one_of(st.none(), st.just(""), pools))
+        if pool is not None:
+            labels = {**labels, "agentpool": pool, "example.com/pool": pool}
         return {"apiVersion": "v1", "kind": "Namespace",
                 "metadata": {"name": name, "labels": {**labels,
                                                       "kubernetes.io/metadata.name": name}}}
@@ -108,11 +134,14 @@ def rule_sets(draw):
     rules = []
     for rule in shipped_rules():
         if rule.kind_name == "PoolPlacement":
+            node_label_key = draw(st.sampled_from(["agentpool", "kubernetes.azure.com/agentpool",
+                                                   "a~b"]))
             rule = dataclasses.replace(rule, policy=PoolPlacement(
                 namespaceLabelKey=draw(st.sampled_from(["agentpool", "example.com/pool"])),
-                nodeLabelKey=draw(st.sampled_from(["agentpool", "kubernetes.azure.com/agentpool",
-                                                   "a~b"])),
-                defaultPool=draw(st.one_of(st.none(), pools))))
+                nodeLabelKey=node_label_key,
+                defaultPool=draw(st.one_of(st.none(), pools)),
+                pools=draw(pool_specs),
+                unknownPools=draw(st.sampled_from(["warn", "deny", "off"]))))
         rules.append(dataclasses.replace(rule, enforcement=draw(st.sampled_from(
             ["enforce", "enforce", "warn", "off"]))))
     return tuple(rules)
@@ -122,10 +151,16 @@ def rule_sets(draw):
 def namespace_tables(draw):
     table = {}
     for name in ("ns1", "ns2", "kube-system"):
-        pool = draw(pools)
-        table[name] = {"agentpool": pool, "example.com/pool": pool}
+        pool = draw(st.one_of(pools, st.just("")))  # "": opted out
+        labels = {"agentpool": pool, "example.com/pool": pool}
+        allowed = draw(st.lists(pools, max_size=3))
+        table[name] = Namespace(labels, {"poolkeeper.io/allowed-pools": ",".join(allowed)}) \
+            if allowed else labels
     table["plain"] = {}
     return table
+
+
+node_pools = st.one_of(st.none(), st.dictionaries(pools, st.integers(0, 2), max_size=4))
 
 
 def pool_rule(rules):
@@ -133,32 +168,53 @@ def pool_rule(rules):
 
 
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(objects(), rule_sets(), namespace_tables())
-def test_properties_patch_applies_and_second_pass_changes_nothing(obj, rules, namespaces):
+@given(objects(), rule_sets(), namespace_tables(), node_pools)
+def test_properties_patch_applies_and_second_pass_changes_nothing(obj, rules, namespaces, nodes):
     original = copy.deepcopy(obj)
     request = make_request(obj)
-    response = admit(request, namespaces.get, rules).response
+    node_lookup = (lambda key: nodes) if nodes is not None else None
+    response = admit(request, namespaces.get, rules, node_lookup).response
     assert request.object == original, "the decision must not change the request"
     if not response.allowed:
         assert response.code == 403 and response.patch == ()
         # Denials are stable: the same object is denied again.
-        assert not admit(make_request(obj), namespaces.get, rules).response.allowed
+        assert not admit(make_request(obj), namespaces.get, rules,
+                         node_lookup).response.allowed
         return
     assert all(len(w) < 120 for w in response.warnings)
     result = jsonpatch.apply_patch(obj, list(response.patch))
-    again = admit(make_request(result), namespaces.get, rules).response
+    again = admit(make_request(result), namespaces.get, rules, node_lookup).response
     assert again.allowed and again.patch == (), "a second pass must change nothing"
     if obj["kind"] == "Namespace":
         return
-    # The pool rule only ever touches its own key: every other selector key survives.
+    # The pool rule only ever touches its own keys (the pool key and the pools' node labels):
+    # every other selector key survives.
     path = ("spec",) if obj["kind"] == "Pod" else ("spec", "template", "spec")
     before, after = original, result
     for token in path:
         before, after = before[token], after[token]
-    key = pool_rule(rules).node_label_key
+    rule = pool_rule(rules)
+    own = {rule.node_label_key, *(k for p in rule.pools.values() for k in p.node_labels)}
     kept = before.get("nodeSelector") or {}
     now = after.get("nodeSelector") or {}
-    assert {k: v for k, v in now.items() if k != key} == {k: v for k, v in kept.items() if k != key}
+    assert {k: v for k, v in now.items() if k not in own} == \
+        {k: v for k, v in kept.items() if k not in own}
+    # Tolerations are only ever added, after the pod's own, never removed or replaced; and a
+    # pinned pod has every toleration of its pool (the pool its nodeSelector names).
+    had, has = before.get("tolerations") or [], after.get("tolerations") or []
+    assert has[:len(had)] == had
+    assert all(op["op"] == "add" for op in response.patch if "/tolerations" in op["path"])
+    pinned = now.get(rule.node_label_key)
+    if pinned is not None and pinned != kept.get(rule.node_label_key):
+        identities = {_identity(t) for t in has}
+        spec = rule.pools.get(pinned)
+        assert spec is None or {_identity(t) for t in spec.tolerations} <= identities
+
+
+def _identity(toleration):
+    """The test's own reading of what makes tolerations the same (key, operator, value, effect)."""
+    return (toleration.get("key") or "", toleration.get("operator") or "Equal",
+            toleration.get("value") or "", toleration.get("effect") or "")
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -166,8 +222,9 @@ def test_properties_patch_applies_and_second_pass_changes_nothing(obj, rules, na
 def test_properties_warn_mode_never_patches_or_denies(obj, rules, namespaces):
     warned = tuple(dataclasses.replace(r, enforcement="warn") for r in rules)
     enforced = tuple(dataclasses.replace(r, enforcement="enforce") for r in rules)
-    response = admit(make_request(obj), namespaces.get, warned).response
+    nodes = lambda key: {}  # noqa: E731 - no pool has nodes
+    response = admit(make_request(obj), namespaces.get, warned, nodes).response
     assert response.allowed and response.patch == ()
-    strict = admit(make_request(obj), namespaces.get, enforced).response
+    strict = admit(make_request(obj), namespaces.get, enforced, nodes).response
     if strict.patch or not strict.allowed:
         assert any("would" in w for w in response.warnings), "each effect must be announced"

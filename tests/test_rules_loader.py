@@ -143,6 +143,91 @@ def test_rules_loader_rejects_bad_files(tmp_path, text, expected):
     assert expected in str(info.value)
 
 
+POOL_RULE = "name: rule\nkind: PoolPlacement\nparams:\n  {}\n"
+SPOT = "{key: kubernetes.azure.com/scalesetpriority, value: spot, effect: NoSchedule}"
+
+
+@pytest.mark.parametrize("params, expected", [
+    ("pools: [spot]", "params.pools: must be a map of pool names"),
+    ("pools: {'a b': {}}", "params.pools: 'a b' is not a pool name"),
+    ("pools: {'': {}}", "params.pools: '' is not a pool name"),
+    ("pools: {spot: [x]}", "params.pools: spot: must be a map with tolerations and nodeLabels"),
+    ("pools: {spot: {taints: []}}", "params.pools: spot.taints: unknown field; allowed: "
+                                    "tolerations, nodeLabels"),
+    ("pools: {spot: {tolerations: {key: a}}}", "spot.tolerations: must be a list of tolerations"),
+    ("pools: {spot: {tolerations: [a]}}", "spot.tolerations[0]: must be a toleration (key, "),
+    ("pools: {spot: {tolerations: [{key: a, colour: b}]}}", "spot.tolerations[0]: 'colour': "
+                                                            "unknown field"),
+    ("pools: {spot: {tolerations: [{key: 'a b'}]}}", "spot.tolerations[0]: key: 'a b' is not a "
+                                                     "label key"),
+    ("pools: {spot: {tolerations: [{key: a, operator: Lt}]}}", "operator: 'Lt' is not one of "
+                                                               "Equal, Exists"),
+    ("pools: {spot: {tolerations: [{value: x}]}}", "an empty key needs operator Exists"),
+    ("pools: {spot: {tolerations: [{key: a, operator: Exists, value: x}]}}",
+     "value: operator Exists takes no value, not 'x'"),
+    ("pools: {spot: {tolerations: [{key: a, value: 'x y'}]}}", "value: 'x y' is not a label value"),
+    ("pools: {spot: {tolerations: [{key: a, effect: NoSchedul}]}}",
+     "effect: 'NoSchedul' is not one of NoSchedule, PreferNoSchedule, NoExecute"),
+    ("pools: {spot: {tolerations: [{key: a, effect: NoExecute, tolerationSeconds: '5'}]}}",
+     "tolerationSeconds: '5' is not a whole number"),
+    ("pools: {spot: {tolerations: [{key: a, effect: NoExecute, tolerationSeconds: true}]}}",
+     "tolerationSeconds: True is not a whole number"),
+    ("pools: {spot: {tolerations: [{key: a, effect: NoSchedule, tolerationSeconds: 5}]}}",
+     "tolerationSeconds: only with effect NoExecute"),
+    ("pools: {gpu: {nodeLabels: [a]}}", "params.pools: gpu.nodeLabels: must be a map"),
+    ("pools: {gpu: {nodeLabels: {'a b': c}}}", "gpu.nodeLabels: 'a b' is not a label key"),
+    ("pools: {gpu: {nodeLabels: {a: [c]}}}", "gpu.nodeLabels: ['c'] is not a label value"),
+    ("pools: {gpu: {nodeLabels: {agentpool: gpu}}}",
+     "params.pools: gpu.nodeLabels: 'agentpool' is nodeLabelKey"),
+    ("onlyListedPools: true", "params.onlyListedPools: true needs the pools listed in pools"),
+    ("onlyListedPools: 'yes'", "params.onlyListedPools: 'yes' is not true or false"),
+    ("{onlyListedPools: true, pools: {spot: }, defaultPool: general}",
+     "params.defaultPool: 'general' is not in pools, and onlyListedPools is true"),
+    ("unknownPools: enforce", "params.unknownPools: 'enforce' is not one of warn, deny, off"),
+    ("allowedPoolsAnnotation: example.com/allowed-pools",
+     "params.allowedPoolsAnnotation: 'example.com/allowed-pools' is not an annotation key under "
+     "poolkeeper.io/"),
+    ("allowedPoolsAnnotation: 'poolkeeper.io/a b'", "is not an annotation key under"),
+])
+def test_rules_loader_pool_params_name_file_field_and_fix(tmp_path, params, expected):
+    write(tmp_path, "rule", POOL_RULE.format(params))
+    with pytest.raises(RulesError) as info:
+        load_rules(tmp_path)
+    assert f"{tmp_path / 'rule.yaml'}: " in str(info.value) and expected in str(info.value)
+
+
+def test_rules_loader_pool_params_accept_core_v1_tolerations(tmp_path):
+    params = ("{pools: {spot: {tolerations: [" + SPOT + ", {operator: Exists}, "
+              "{key: a, operator: '', value: b, effect: NoExecute, tolerationSeconds: 30}, "
+              "{key: c, value: null}]}, gpu: {nodeLabels: {kubernetes.io/arch: amd64}}, plain: }, "
+              "onlyListedPools: true, defaultPool: plain, allowedPoolsAnnotation: null, "
+              "unknownPools: deny}")
+    write(tmp_path, "rule", POOL_RULE.format(params))
+    (rule,) = load_rules(tmp_path)
+    policy = rule.policy
+    assert [len(p.tolerations) for p in policy.pools.values()] == [4, 0, 0]
+    assert policy.pools["gpu"].node_labels == {"kubernetes.io/arch": "amd64"}
+    assert policy.allowed_pools_annotation is None and policy.unknown_pools == "deny"
+
+
+def test_rules_loader_serves_a_pool_rules_namespaces_on_the_namespaces_webhook(tmp_path):
+    from app.rules.loader import by_webhook
+
+    write(tmp_path, "all", "name: all\nkind: PoolPlacement\n")
+    write(tmp_path, "pods", "name: pods\nkind: PoolPlacement\nmatch: {kinds: [Pod]}\n")
+    write(tmp_path, "ns", "name: ns\nkind: PoolPlacement\nmatch: {kinds: [Namespace]}\n")
+    write(tmp_path, "labels", "name: labels\nkind: NamespaceLabels\n")
+    rules = load_rules(tmp_path)
+    served = {webhook: [(r.name, sorted(k for _, k in r.match.kinds)) for r in on]
+              for webhook, on in by_webhook(rules).items()}
+    assert served["namespaces"] == [("all", ["Namespace"]), ("labels", ["Namespace"]),
+                                    ("ns", ["Namespace"])]
+    assert [name for name, _ in served["placement"]] == ["all", "pods"]
+    assert "Namespace" not in served["placement"][0][1] and "Pod" in served["placement"][0][1]
+    assert served["defaults"] == []
+    assert by_webhook(rules)["namespaces"][2] is rules[2]  # served whole when nothing moves
+
+
 def test_rules_loader_reports_every_problem_at_once(tmp_path):
     write(tmp_path, "one", "name: one\nkind: Nope\n")
     write(tmp_path, "two", "name: two\nkind: ImagePullPolicy\nenforcement: loud\n")

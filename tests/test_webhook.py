@@ -27,8 +27,10 @@ JSON = {"Content-Type": "application/json"}
 class FailingSource:
     """A namespace source whose lookups cannot be answered (the API server is gone)."""
 
-    def labels(self, name):
+    def namespace(self, name):
         raise NamespaceLookupError(f"cannot look up namespace {name!r}: the API server is down")
+
+    labels = namespace
 
     def ready(self):
         return False

@@ -1,9 +1,11 @@
-"""Owns namespace label lookup: the choice of source, and its protocol and errors (re-exported).
+"""Owns namespace lookup: the choice of source, and its protocol and errors (re-exported).
 
-Every source answers ``labels(name)``: the namespace's labels, ``None`` when the namespace does not
-exist, or :class:`NamespaceLookupError` when the answer cannot be known right now (the webhook then
-answers 500 so the webhook's ``failurePolicy`` decides). The protocol and the errors live in
-:mod:`app.namespaces.source` and are re-exported here. The sources:
+Every source answers ``namespace(name)``: a :class:`Namespace` record of the namespace's labels
+and the annotations the rules read (``labels(name)``: the labels alone), ``None`` when the
+namespace does not exist, or :class:`NamespaceLookupError` when the answer cannot be known right
+now (the webhook then answers 500 so the webhook's ``failurePolicy`` decides). The protocol, the
+record and the errors live in :mod:`app.namespaces.source` and are re-exported here. The
+sources:
 
 - :mod:`app.namespaces.file`: ``FileNamespaces``, Namespace objects read from a YAML file;
 - :mod:`app.namespaces.informer`: ``KubeNamespaces``, the API server's namespaces, listed and
@@ -19,15 +21,22 @@ from typing import TYPE_CHECKING
 
 from app.config import Settings
 
-from .source import Labels, NamespaceLookupError, NamespacesFileError, NamespaceSource
+from .source import (
+    KEPT_ANNOTATIONS,
+    Labels,
+    Namespace,
+    NamespaceLookupError,
+    NamespacesFileError,
+    NamespaceSource,
+)
 
 if TYPE_CHECKING:
     import kubernetes.client
 
     from app.watch import FileWatcher
 
-__all__ = ["Labels", "NamespaceLookupError", "NamespaceSource", "NamespacesFileError",
-           "namespace_source"]
+__all__ = ["KEPT_ANNOTATIONS", "Labels", "Namespace", "NamespaceLookupError", "NamespaceSource",
+           "NamespacesFileError", "namespace_source"]
 
 
 def namespace_source(settings: Settings,

@@ -11,15 +11,16 @@ import yaml
 from app import metrics
 from app.watch import FileWatcher, process_watcher, stat_signature
 
-from .source import Labels, NamespacesFileError
+from .source import Labels, Namespace, NamespacesFileError, kept_annotations
 
 log = logging.getLogger("poolkeeper.namespaces")
 
 
-def parse_namespaces(text: str) -> dict[str, Labels]:
-    """Namespace name -> labels from YAML: a ``kind: List`` (``kubectl get ns -o yaml``), a
-    multi-document stream, or a single Namespace. Raises ValueError or yaml.YAMLError."""
-    result: dict[str, Labels] = {}
+def parse_namespaces(text: str) -> dict[str, Namespace]:
+    """Namespace name -> its labels and kept annotations, from YAML: a ``kind: List`` (``kubectl
+    get ns -o yaml``), a multi-document stream, or a single Namespace. Raises ValueError or
+    yaml.YAMLError."""
+    result: dict[str, Namespace] = {}
     for number, doc in enumerate(yaml.safe_load_all(text), start=1):
         if doc is None:
             continue
@@ -37,7 +38,8 @@ def parse_namespaces(text: str) -> dict[str, Labels]:
     return result
 
 
-def _add_namespace(result: dict[str, Labels], obj: Any, where: str, *, kind_optional: bool) -> None:
+def _add_namespace(result: dict[str, Namespace], obj: Any, where: str, *,
+                   kind_optional: bool) -> None:
     if not isinstance(obj, dict):
         raise ValueError(f"{where}: expected a Namespace object")
     kind = obj.get("kind")
@@ -56,7 +58,7 @@ def _add_namespace(result: dict[str, Labels], obj: Any, where: str, *, kind_opti
         if not isinstance(key, str) or not isinstance(value, str):
             raise ValueError(f"{where} ({name}): label {key!r}: {value!r} is not a string "
                              "(quote values such as 'true' or '1')")
-    result[name] = dict(labels)
+    result[name] = Namespace(dict(labels), kept_annotations(metadata))
 
 
 class FileNamespaces:
@@ -82,13 +84,14 @@ class FileNamespaces:
                                              lambda: stat_signature(self.path), self._reload,
                                              initial=signature)
 
+    def namespace(self, name: str) -> Namespace | None:
+        namespace = self._namespaces.get(name)
+        (metrics.LOOKUP_MISS if namespace is None else metrics.LOOKUP_HIT).inc()
+        return namespace
+
     def labels(self, name: str) -> Labels | None:
-        labels = self._namespaces.get(name)
-        if labels is None:
-            metrics.LOOKUP_MISS.inc()
-            return None
-        metrics.LOOKUP_HIT.inc()
-        return dict(labels)
+        namespace = self.namespace(name)
+        return None if namespace is None else dict(namespace.labels)
 
     def ready(self) -> bool:
         return True  # the constructor fails unless the first load succeeded
@@ -99,7 +102,7 @@ class FileNamespaces:
     def stop(self) -> None:
         """Nothing to stop."""
 
-    def _read(self) -> dict[str, Labels]:
+    def _read(self) -> dict[str, Namespace]:
         with open(self.path, encoding="utf-8") as f:
             return parse_namespaces(f.read())
 

@@ -1,7 +1,8 @@
 """Owns what every rule shares: the context a rule sees, its result, match and label selectors.
 
-A rule kind is pure: it reads the request, asks the context for namespace labels (the lookup is
-injected, so no rule touches the network) and edits through :class:`~app.patching.ObjectEditor`.
+A rule kind is pure: it reads the request, asks the context for namespaces (labels and the
+annotations the sources keep) and node pools (the lookups are injected, so no rule touches the
+network) and edits through :class:`~app.patching.ObjectEditor`.
 It returns a :class:`RuleResult`: what it changed, in words (``effects``), its denials and its
 warnings. The engine (:mod:`app.admission`) applies the rule's enforcement to that result.
 """
@@ -13,11 +14,17 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..kinds import OBJECT_KINDS
+from ..namespaces.source import Namespace
 from ..patching import ObjectEditor, ObjectShapeError, Path, expect_list, lookup
 from ..review import AdmissionRequest
 from ..text import quote
 
-NamespaceLookup = Callable[[str], Mapping[str, str] | None]
+# Looks a namespace up by name: its record, or just its labels (label-only callers and tests pass
+# a dict's get); None when it does not exist. Raises NamespaceLookupError when it cannot be known.
+NamespaceLookup = Callable[[str], Namespace | Mapping[str, str] | None]
+# The node pools of a node label key: how many nodes carry each value of it (nodes without the
+# key are not counted); None when the nodes cannot be known now.
+NodeLookup = Callable[[str], Mapping[str, int] | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,18 +41,20 @@ NOTHING = RuleResult()
 
 
 class RuleContext:
-    """What a rule may know about a request: the request and its namespaces' labels."""
+    """What a rule may know about a request: the request, its namespaces, and the node pools
+    (``nodes``: None when no node source is wired, e.g. offline without a cluster)."""
 
-    __slots__ = ("request", "_lookup", "looked_up")
+    __slots__ = ("request", "_lookup", "looked_up", "nodes")
 
-    def __init__(self, request: AdmissionRequest, namespace_labels: NamespaceLookup,
-                 looked_up: dict[str, Mapping[str, str] | None] | None = None):
+    def __init__(self, request: AdmissionRequest, namespaces: NamespaceLookup,
+                 looked_up: dict[str, Namespace | None] | None = None,
+                 nodes: NodeLookup | None = None):
         self.request = request
-        self._lookup = namespace_labels
-        # name -> labels, or None when the namespace does not exist: what the rules asked for
-        # (shared by the contexts of one request)
-        self.looked_up: dict[str, Mapping[str, str] | None] = {} if looked_up is None \
-            else looked_up
+        self._lookup = namespaces
+        # name -> namespace, or None when it does not exist: what the rules asked for (shared by
+        # the contexts of one request)
+        self.looked_up: dict[str, Namespace | None] = {} if looked_up is None else looked_up
+        self.nodes = nodes
 
     @property
     def namespace(self) -> str:
@@ -56,11 +65,18 @@ class RuleContext:
         value = meta.get("namespace") if isinstance(meta, dict) else None
         return value if isinstance(value, str) else ""
 
-    def namespace_labels(self, name: str) -> Mapping[str, str]:
-        """Labels of namespace ``name`` ({} when it does not exist); looked up once per request."""
+    def find_namespace(self, name: str) -> Namespace | None:
+        """Namespace ``name`` (None when it does not exist); looked up once per request."""
         if name not in self.looked_up:
-            self.looked_up[name] = self._lookup(name)
-        return self.looked_up[name] or {}
+            found = self._lookup(name)
+            self.looked_up[name] = found if found is None or isinstance(found, Namespace) \
+                else Namespace(found)
+        return self.looked_up[name]
+
+    def namespace_labels(self, name: str) -> Mapping[str, str]:
+        """Labels of namespace ``name`` ({} when it does not exist)."""
+        namespace = self.find_namespace(name)
+        return {} if namespace is None else namespace.labels
 
 
 @dataclass(frozen=True, slots=True)

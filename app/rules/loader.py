@@ -6,7 +6,8 @@ A rule file::
     description: ...
     kind: ImagePullPolicy            # one of RULE_KINDS
     webhook: defaults                # placement | defaults | namespaces: on /mutate/<webhook>
-                                     # (default: the kind's, DEFAULT_WEBHOOK)
+                                     # (default: the kind's, DEFAULT_WEBHOOK; object kinds the
+                                     # rule kind judges elsewhere go there: ELSEWHERE)
     enforcement: enforce             # enforce | warn | off
     templateWarnings: true           # pod rules on pod controllers: warn what the pods will get
     docsURL: https://...             # appended to its denials and warnings ("See https://...")
@@ -30,7 +31,7 @@ import logging
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ from ..kinds import OBJECT_KINDS
 from .base import LabelSelector, Match, Policy, Requirement, Rule
 from .limits import RemoveResourceLimits
 from .namespace_labels import NamespaceLabels
-from .params import https_url, label_key, label_value
+from .params import ParamError, https_url, label_key, label_value
 from .pool import PoolPlacement
 from .pull_policy import ImagePullPolicy
 
@@ -55,6 +56,10 @@ WEBHOOKS = ("placement", "defaults", "namespaces")
 # The webhook a kind runs on when the file names none. PoolPlacement may run on no other: on the
 # fail-open paths a webhook outage would let pods escape their pool.
 DEFAULT_WEBHOOK = {"PoolPlacement": "placement", "NamespaceLabels": "namespaces"}
+# Object kinds a rule kind judges on another webhook than its file's: a PoolPlacement rule's
+# check that a Namespace's pool has nodes is advice, and a namespace must stay creatable while
+# poolkeeper is down, so it runs on the fail-open namespaces webhook (pods stay on placement).
+ELSEWHERE: dict[str, dict[str, str]] = {"PoolPlacement": {"Namespace": "namespaces"}}
 # Namespaces rules leave alone unless a rule file says otherwise: the control plane's own and
 # poolkeeper's, so the webhook can always restart.
 DEFAULT_EXCLUDED_NAMESPACES = ("kube-system", "kube-public", "kube-node-lease", "poolkeeper-system")
@@ -226,7 +231,11 @@ def _build_policy(kind: type[Policy], params: Any, problems: _Problems) -> Polic
             problems.add(f"params.{key}", problem)
             continue
         values[key] = value
-    return kind(**values)
+    try:
+        return kind(**values)
+    except ParamError as exc:  # a problem between params, e.g. onlyListedPools without pools
+        problems.add(f"params.{exc.field}", exc.message)
+        return None
 
 
 def _string_list(value: Any, field: str, allowed: tuple[str, ...] | None,
@@ -321,3 +330,19 @@ def _parse_selector(doc: Any, field: str, problems: _Problems) -> LabelSelector 
         if not problem and isinstance(key, str):
             requirements.append(Requirement(key, operator, frozenset(values)))
     return LabelSelector(tuple(requirements))
+
+
+def by_webhook(rules: tuple[Rule, ...]) -> dict[str, tuple[Rule, ...]]:
+    """The rules each /mutate/<webhook> runs: every rule on its file's webhook, less the object
+    kinds its kind judges elsewhere (ELSEWHERE), and on those webhooks for those kinds only."""
+    served: dict[str, list[Rule]] = {w: [] for w in WEBHOOKS}
+    for rule in rules:
+        elsewhere = ELSEWHERE.get(rule.kind_name, {})
+        moved = {w: frozenset(k for k in rule.match.kinds if elsewhere.get(k[1]) == w)
+                 for w in set(elsewhere.values())}
+        own = rule.match.kinds - frozenset().union(*moved.values())
+        for webhook, kinds in ((rule.webhook, own), *moved.items()):
+            if kinds:
+                served[webhook].append(rule if kinds == rule.match.kinds else
+                                       replace(rule, match=replace(rule.match, kinds=kinds)))
+    return {w: tuple(r) for w, r in served.items()}

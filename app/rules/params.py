@@ -7,7 +7,18 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from ..namespaces.source import KEPT_ANNOTATIONS
+
 Check = Callable[[Any], "str | None"]
+
+
+class ParamError(ValueError):
+    """Raised by a rule kind's constructor for a problem that involves several params; the
+    loader reports it under ``params.<field>``."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
 
 # Label keys: optional DNS-subdomain prefix (<= 253) and '/', then a name of <= 63 characters
 # (k8s.io/apimachinery/pkg/util/validation IsQualifiedName); values <= 63 (IsValidLabelValue).
@@ -100,3 +111,92 @@ def https_url(value: Any) -> str | None:
     if isinstance(value, str) and len(value) <= MAX_URL and _URL.match(value):
         return None
     return f"{value!r} is not an https URL (https://host/path, at most {MAX_URL} characters)"
+
+
+def boolean(value: Any) -> str | None:
+    return None if isinstance(value, bool) else f"{value!r} is not true or false"
+
+
+def optional_kept_annotation(value: Any) -> str | None:
+    """An annotation key the namespace sources keep (under KEPT_ANNOTATIONS), or null."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value.startswith(KEPT_ANNOTATIONS) and is_label_key(value):
+        return None
+    return (f"{value!r} is not an annotation key under {KEPT_ANNOTATIONS} (the only namespace "
+            "annotations poolkeeper keeps), or null to turn it off")
+
+
+# core/v1 Toleration (k8s.io/kubernetes pkg/apis/core/validation ValidateTolerations)
+TOLERATION_FIELDS = ("key", "operator", "value", "effect", "tolerationSeconds")
+TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
+
+
+def toleration(value: Any) -> str | None:
+    if not isinstance(value, dict):
+        return f"must be a toleration ({', '.join(TOLERATION_FIELDS)})"
+    for field in value:
+        if field not in TOLERATION_FIELDS:
+            return f"{field!r}: unknown field; allowed: {', '.join(TOLERATION_FIELDS)}"
+    key, operator, text, effect = (_or_empty(value, f) for f in ("key", "operator", "value",
+                                                                  "effect"))
+    if not isinstance(key, str) or (key and not is_label_key(key)):
+        return f"key: {label_key(key)}"
+    operator = operator or "Equal"  # the API server's meaning of an empty operator
+    if operator not in ("Equal", "Exists"):
+        return f"operator: {operator!r} is not one of Equal, Exists"
+    if not key and operator != "Exists":
+        return "an empty key needs operator Exists (it then tolerates every taint)"
+    if operator == "Exists" and text != "":
+        return f"value: operator Exists takes no value, not {text!r}"
+    if not isinstance(text, str) or not is_label_value(text):
+        return f"value: {label_value(text)}"
+    if effect not in ("", *TAINT_EFFECTS):
+        return f"effect: {effect!r} is not one of {', '.join(TAINT_EFFECTS)} (or empty: all)"
+    seconds = value.get("tolerationSeconds")
+    if seconds is not None:
+        if isinstance(seconds, bool) or not isinstance(seconds, int):
+            return f"tolerationSeconds: {seconds!r} is not a whole number of seconds"
+        if effect != "NoExecute":
+            return "tolerationSeconds: only with effect NoExecute"
+    return None
+
+
+def _or_empty(obj: dict, field: str) -> Any:
+    """A toleration's field; null or absent is the empty string, as the API server has it."""
+    value = obj.get(field)
+    return "" if value is None else value
+
+
+POOL_FIELDS = ("tolerations", "nodeLabels")
+
+
+def pool_map(value: Any) -> str | None:
+    """params.pools: pool name -> {tolerations: [core/v1 Toleration], nodeLabels: {key: value}}."""
+    if not isinstance(value, dict):
+        return "must be a map of pool names to {tolerations: [...], nodeLabels: {...}}"
+    for name, pool in value.items():
+        if not isinstance(name, str) or not name or not is_label_value(name):
+            return f"{name!r} is not a pool name (a non-empty label value)"
+        if pool is None:
+            continue  # a pool listed with nothing to add (`gpu:`), for onlyListedPools
+        if not isinstance(pool, dict):
+            return f"{name}: must be a map with {' and '.join(POOL_FIELDS)}"
+        for field in pool:
+            if field not in POOL_FIELDS:
+                return f"{name}.{field}: unknown field; allowed: {', '.join(POOL_FIELDS)}"
+        tolerations = pool.get("tolerations") or []
+        if not isinstance(tolerations, list):
+            return f"{name}.tolerations: must be a list of tolerations"
+        for index, item in enumerate(tolerations):
+            problem = toleration(item)
+            if problem:
+                return f"{name}.tolerations[{index}]: {problem}"
+        labels = pool.get("nodeLabels") or {}
+        if not isinstance(labels, dict):
+            return f"{name}.nodeLabels: must be a map of label keys to label values"
+        for key, item in labels.items():
+            problem = label_key(key) or label_value(item)
+            if problem:
+                return f"{name}.nodeLabels: {problem}"
+    return None

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..watch import FileWatcher, StatSignature, process_watcher, stat_signature
 from .base import Rule
-from .loader import WEBHOOKS, RulesError, RuleSet, load_rule_set, rule_files
+from .loader import RulesError, RuleSet, by_webhook, load_rule_set, rule_files
 
 log = logging.getLogger("poolkeeper.rules")
 
@@ -82,7 +82,6 @@ class _State:
 
     def __init__(self, rule_set: RuleSet, loaded_at: float) -> None:
         self.rules = rule_set.rules
-        self.by_webhook = {w: tuple(r for r in rule_set.rules if r.webhook == w)
-                           for w in WEBHOOKS}
+        self.by_webhook = by_webhook(rule_set.rules)
         self.digest = rule_set.digest
         self.loaded_at = loaded_at
