@@ -262,8 +262,10 @@ def _pool(rule: Rule, kinds: Sequence[str], root: str) -> _Parts:
         ("what", per_kind(lambda k, _: lit("pod" if k == "Pod" else f"{k} pod template"))),
         ("nsPool", f"namespaceObject.metadata.?labels.orValue({{}})[?{lit(ns_key)}]"
                    ".orValue('')"),
-        # An empty label value counts as no label, as in the webhook.
-        ("pool", f"variables.nsPool != '' ? variables.nsPool : {lit(policy.default_pool or '')}"),
+        ("nsLabelled", f"{lit(ns_key)} in namespaceObject.metadata.?labels.orValue({{}})"),
+        # A label present but empty opts the namespace out, even with a defaultPool, as in the
+        # webhook (PodNodeSelector's semantics); no label at all gets the default pool.
+        ("pool", f"variables.nsLabelled ? variables.nsPool : {lit(policy.default_pool or '')}"),
         ("selector", "variables.spec.?nodeSelector.orValue({})"),
         ("oldSelector", "variables.update ? variables.oldSpec.?nodeSelector.orValue({}) : {}"),
         ("hasKey", f"{lit(key)} in variables.selector"),
@@ -623,6 +625,8 @@ class _Served:
 def _served(rule: Rule) -> list[_Served]:
     operations = tuple(op for op in ("CREATE", "UPDATE") if op in rule.match.operations)
     kinds = [k for _, k in sorted(rule.match.kinds)]  # core group first, as rules/ lists them
+    if isinstance(rule.policy, PoolPlacement):  # its Namespace check: see _pool_left_out
+        kinds = [k for k in kinds if OBJECT_KINDS[k].pod_spec is not None]
     own = tuple(k for k in kinds if k not in WORKLOADS)
     workloads = tuple(k for k in kinds if k in WORKLOADS)
     served = []
@@ -784,6 +788,30 @@ def _objects(rule: Rule, parts: _Parts, served: _Served) -> list[dict]:
     return objects
 
 
+def _pool_left_out(rule: Rule) -> list[tuple[str, tuple[str, ...]]]:
+    """What the exported pool policies leave out of the pool params of issue 15 (pools a
+    namespace allows, the unknown-pools check): where that only makes them stricter or quieter,
+    a note; where it would change an answer the other way, _Unsupported."""
+    policy = rule.policy
+    if not isinstance(policy, PoolPlacement):
+        return []
+    if policy.pools:
+        raise _Unsupported("params.pools (tolerations and node labels per pool) has no in-tree "
+                           "form in this export yet")
+    notes: list[tuple[str, tuple[str, ...]]] = []
+    if policy.allowed_pools_annotation:
+        notes.append((f"the pools a namespace allows through its "
+                      f"{policy.allowed_pools_annotation} annotation: the exported policies "
+                      "deny pods choosing them (stricter than the webhook)", ()))
+    if "Namespace" in {k for _, k in rule.match.kinds} and policy.unknown_pools == "deny":
+        raise _Unsupported("params.unknownPools: deny needs the cluster's nodes, which no "
+                           "admission policy can read")
+    if "Namespace" in {k for _, k in rule.match.kinds} and policy.unknown_pools != "off":
+        notes.append(("the warning or denial for a namespace labelled with a pool no node has "
+                      "(it needs the cluster's nodes)", ("namespace ",)))
+    return notes
+
+
 def export_policies(rules: Sequence[Rule]) -> Export:
     """The in-tree policies for the enabled rules, and what of them cannot be expressed."""
     objects: list[dict] = []
@@ -800,6 +828,7 @@ def export_policies(rules: Sequence[Rule]) -> Export:
             if unknown:
                 raise _Unsupported(f"match.kinds: no API resource known for {', '.join(unknown)}")
             built = []
+            pool_left_out = _pool_left_out(rule)  # raises _Unsupported for what changes answers
             for served in _served(rule):
                 root = _by_kind({k: _path("object", template_path(OBJECT_KINDS[k].group, k)
                                                    or ()) for k in served.kinds}) \
@@ -808,7 +837,7 @@ def export_policies(rules: Sequence[Rule]) -> Export:
         except _Unsupported as exc:
             left_out.append(LeftOut(rule.name, f"the whole rule: {exc}"))
             continue
-        lost: dict[str, tuple[str, ...]] = {}
+        lost: dict[str, tuple[str, ...]] = dict(pool_left_out)
         for served, parts in built:
             objects += _objects(rule, parts, served)
             if not served.templates:

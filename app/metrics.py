@@ -89,7 +89,8 @@ LOOKUP_STALE = NAMESPACE_LOOKUPS.labels("stale")
 # What the webhooks in deploy/base/webhook.yaml send (kind, operation), and what an unreadable
 # body is counted as; tests/test_monitoring.py checks the list against the manifest.
 REVIEWED = (("Pod", "CREATE"), ("Pod", "UPDATE"), ("DaemonSet", "CREATE"),
-            ("DaemonSet", "UPDATE"), ("Namespace", "CREATE"), ("unknown", "unknown"),
+            ("DaemonSet", "UPDATE"), ("Namespace", "CREATE"), ("Namespace", "UPDATE"),
+            ("unknown", "unknown"),
             *((kind, operation) for kind in ("Deployment", "ReplicaSet", "StatefulSet", "Job",
                                              "CronJob", "ReplicationController")
               for operation in ("CREATE", "UPDATE")))

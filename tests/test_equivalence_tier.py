@@ -128,9 +128,26 @@ def _yaml(path: Path):
     return yaml.safe_load(path.read_text())
 
 
+# Cases of what the export leaves out on purpose (app.export._pool_left_out): a namespace's
+# allowed pools (the exported policies are stricter) and the unknown-pools check (it needs the
+# cluster's nodes). They are skipped with the reason, not compared.
+SKIPPED_CASES: list[str] = []
+
+
+def _beyond_the_export(case: Case) -> str:
+    ns_path = case.path / "namespaces.yaml"
+    namespaces = parse_namespaces(ns_path.read_text()) if ns_path.exists() else {}
+    if any(ns.annotations for ns in namespaces.values()):
+        return "uses a namespace's allowed pools, which the export leaves out (stricter)"
+    if case.rule == "agentpool-node-selector" and _yaml(case.path / "input.yaml").get(
+            "kind") == "Namespace":
+        return "the unknown-pools check, which the export leaves out (it needs the nodes)"
+    return ""
+
+
 def _case_item(case: Case) -> Item:
     ns_path = case.path / "namespaces.yaml"
-    namespaces = {name: dict(labels) for name, labels in
+    namespaces = {name: dict(ns.labels) for name, ns in
                   (parse_namespaces(ns_path.read_text()).items() if ns_path.exists() else ())}
     old_path = case.path / "old.yaml"
     return Item(case.id, _yaml(case.path / "input.yaml"), namespaces,
@@ -235,6 +252,9 @@ def collect_groups(tmp: Path) -> list[Group]:
             text, where = shipped[case.rule], f"rules/{case.rule}.yaml"
         # Cases with the same rule file share a group: the first one names it.
         group = groups.setdefault(text, Group(where, {f"{case.rule}.yaml": text}))
+        if _beyond_the_export(case):
+            SKIPPED_CASES.append(f"{case.id}: {_beyond_the_export(case)}")
+            continue
         group.items.append(_case_item(case))
     scenarios = Group("the shipped rule set", {f"{n}.yaml": t for n, t in shipped.items()},
                       list(SCENARIOS))
@@ -665,7 +685,7 @@ def _unmet(item: Item, answer: Answer, baseline: Answer) -> list[str]:
 def test_equivalence_webhook_and_exported_policies_answer_alike(engines: Engines, capsys,
                                                                 tmp_path: Path):
     groups = collect_groups(tmp_path)
-    skipped: list[str] = []
+    skipped: list[str] = list(SKIPPED_CASES)
     ignored: dict[str, tuple[str, ...]] = {}  # group -> starts of warnings left out
     runnable = []
     for group in groups:
@@ -674,7 +694,8 @@ def test_equivalence_webhook_and_exported_policies_answer_alike(engines: Engines
         if whole:
             skipped += [f"{item.id}: {'; '.join(whole)}" for item in group.items]
             continue
-        parts = [i for i in group.export.left_out if not i.warnings]
+        parts = [i for i in group.export.left_out if not i.warnings
+                 and not i.what.startswith("the pools a namespace allows")]
         assert not parts, f"{group.name}: the tier cannot compare without {parts}"
         ignored[group.name] = tuple(f"[{i.rule}] {w}" for i in group.export.left_out
                                     for w in i.warnings)

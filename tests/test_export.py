@@ -33,7 +33,13 @@ REFERENCES_LEFT_OUT = (
     "limits in enforce mode; not written for warn mode)")
 QOS_LEFT_OUT = ("remove-cpu-limits: the warning when a Guaranteed pod becomes Burstable (a "
                 "validating policy sees only the pod without its limits)")
-SHIPPED_LEFT_OUT = (REFERENCES_LEFT_OUT, QOS_LEFT_OUT)
+ALLOWED_POOLS_LEFT_OUT = ("agentpool-node-selector: the pools a namespace allows through its "
+                         "poolkeeper.io/allowed-pools annotation: the exported policies deny "
+                         "pods choosing them (stricter than the webhook)")
+UNKNOWN_POOLS_LEFT_OUT = ("agentpool-node-selector: the warning or denial for a namespace "
+                          "labelled with a pool no node has (it needs the cluster's nodes)")
+SHIPPED_LEFT_OUT = (ALLOWED_POOLS_LEFT_OUT, UNKNOWN_POOLS_LEFT_OUT, REFERENCES_LEFT_OUT,
+                    QOS_LEFT_OUT)
 
 
 def rule_from(tmp_path: Path, text: str):
@@ -221,7 +227,7 @@ def test_export_with_a_default_pool_matches_unlabelled_namespaces(tmp_path):
 
     assert {"key": "agentpool", "operator": "Exists"} not in selector
     variables = {v["name"]: v["expression"] for v in policy["spec"]["variables"]}
-    assert variables["pool"] == "variables.nsPool != '' ? variables.nsPool : 'general'"
+    assert variables["pool"] == "variables.nsLabelled ? variables.nsPool : 'general'"
 
 
 def test_export_of_a_warn_rule_is_only_warnings(tmp_path):
