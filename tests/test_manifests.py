@@ -22,8 +22,15 @@ from cryptography import x509
 from app.certs import serving_names
 from app.config import Settings
 from app.rules import WEBHOOKS, load_rules
-from integration.manifests import (DEPLOY, ca_bundle, kubectl, listed_files,
-                                   manages_certificates, render, with_ca_bundle)
+from integration.manifests import (
+    DEPLOY,
+    ca_bundle,
+    kubectl,
+    listed_files,
+    manages_certificates,
+    render,
+    with_ca_bundle,
+)
 
 from .support import ROOT, skip_or_fail
 
