@@ -154,6 +154,18 @@ def test_cli_serve_certificate_settings_are_checked_together(tmp_path, capsys):
         assert fragment in err
 
 
+def test_cli_serve_manage_certs_without_an_api_server_exits_with_the_reason(tmp_path):
+    from .server import free_port
+
+    result = run("serve", "--manage-certs", "--kubeconfig", str(tmp_path / "missing"),
+                 "--cert-dir", str(tmp_path / "tls"), "--namespaces", NAMESPACES,
+                 "--host", "127.0.0.1", "--port", str(free_port()),
+                 "--metrics-port", str(free_port()))
+    assert result.returncode == 1
+    assert "poolkeeper cannot start: --manage-certs: kubeconfig not found" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_cli_certificate_settings_have_the_documented_defaults_and_read_the_environment():
     from app.config import load_settings
 

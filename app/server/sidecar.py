@@ -32,7 +32,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ..certs import cert_paths
-from ..config import Settings
+from ..config import ConfigError, Settings
 
 if TYPE_CHECKING:
     from ..factory import Services
@@ -59,7 +59,11 @@ def _bootstrap(settings: Settings) -> None:
     from ..certmanager import CertManager, CertManagerError
     from ..kube import load_api_client
 
-    api = load_api_client(settings.kubeconfig)
+    try:
+        api = load_api_client(settings.kubeconfig)
+    except ConfigError as e:  # --manage-certs needs the API server
+        log.error("poolkeeper cannot start: --manage-certs: %s", e)
+        sys.exit(1)
     try:
         CertManager(api, settings).bootstrap(BOOTSTRAP_TIMEOUT)
     except CertManagerError as e:
@@ -116,10 +120,15 @@ def _manage_when_elected(settings: Settings) -> None:
     from ..kube import load_api_client
 
     while True:
+        api = None
         try:
-            CertManager(load_api_client(settings.kubeconfig), settings).run()
+            api = load_api_client(settings.kubeconfig)
+            CertManager(api, settings).run()
         except Exception:  # a bug or a broken kubeconfig: log, and try again
             log.exception("certificate manager stopped; restarting it in 5s")
+        finally:
+            if api is not None:
+                api.close()
         time.sleep(5.0)
 
 
