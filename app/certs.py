@@ -141,27 +141,30 @@ def create_certificates(out_dir: str | os.PathLike[str], service: str, namespace
                               _ca_bundle(_read(ca_path)),
                               "existing pair is valid and covers the service names")
 
-    ca_pem, cert_pem, key_pem, not_after = _issue(service, namespace, days, now)
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        raise CertificateFileError(f"cannot create directory {out_dir}: {e.strerror}") from e
-    # Order matters, see the module docstring: tls.crt last.
-    _write_atomic(ca_path, ca_pem, 0o644)
-    _write_atomic(key_path, key_pem, 0o600)
-    _write_atomic(cert_path, cert_pem, 0o644)
+    ca_pem, cert_pem, key_pem, not_after = issue_pair(service, namespace, days, now)
+    write_pair(out_dir, ca_pem, cert_pem, key_pem)
     return CertResult(ca_path, cert_path, key_path, True, not_after, _ca_bundle(ca_pem), reason)
 
 
 def check_certificates(out_dir: str | os.PathLike[str], service: str, namespace: str, *,
                        now: dt.datetime | None = None) -> dt.datetime:
     """Return tls.crt's notAfter if the pair in ``out_dir`` is good; raise a CertificateError."""
+    ca_path, cert_path, key_path = _paths(os.fspath(out_dir))
+    return check_pair(_read(ca_path), _read(cert_path), _read(key_path), service, namespace,
+                      now=now, names=(ca_path, cert_path, key_path))
+
+
+def check_pair(ca_pem: bytes, cert_pem: bytes, key_pem: bytes, service: str, namespace: str, *,
+               now: dt.datetime | None = None, renewal_window: bool = True,
+               names: tuple[str, str, str] = (CA_FILE, CERT_FILE, KEY_FILE)) -> dt.datetime:
+    """Return the certificate's notAfter if CA, certificate and key (PEM) are a good pair for the
+    service; raise a CertificateError. ``names`` name the three in messages; without
+    ``renewal_window`` a pair inside its last 30 days (or third) still counts as good."""
     now = _utc(now)
-    out_dir = os.fspath(out_dir)
-    ca_path, cert_path, key_path = _paths(out_dir)
-    ca = load_certificate(ca_path)
-    cert = load_certificate(cert_path)
-    key = _load_private_key(key_path)
+    ca_path, cert_path, key_path = names
+    ca = parse_certificate(ca_pem, ca_path)
+    cert = parse_certificate(cert_pem, cert_path)
+    key = _parse_private_key(key_pem, key_path)
 
     if key.public_key() != cert.public_key():
         raise KeyMismatchError(f"{key_path} is not the private key of {cert_path}")
@@ -187,7 +190,7 @@ def check_certificates(out_dir: str | os.PathLike[str], service: str, namespace:
     if now >= not_after:
         raise ExpiryError(f"{cert_path} expired at {not_after:%Y-%m-%d %H:%M} UTC")
     renew_before = min(RENEW_BEFORE, (not_after - not_before) / 3)
-    if not_after - now < renew_before:
+    if renewal_window and not_after - now < renew_before:
         raise ExpiryError(f"{cert_path} expires at {not_after:%Y-%m-%d %H:%M} UTC, "
                           f"within the renewal window of {_days(renew_before)}")
     if ca.not_valid_after_utc < not_after or now >= ca.not_valid_after_utc:
@@ -201,19 +204,22 @@ def certificate_expiry(path: str | os.PathLike[str]) -> dt.datetime:
 
 
 def load_certificate(path: str | os.PathLike[str]) -> x509.Certificate:
-    data = _read(path)
+    return parse_certificate(_read(path), os.fspath(path))
+
+
+def parse_certificate(pem: bytes, name: str = CERT_FILE) -> x509.Certificate:
+    """The (first) certificate in ``pem``; ``name`` says what it is in the error."""
     try:
-        return x509.load_pem_x509_certificate(data)
+        return x509.load_pem_x509_certificate(pem)
     except ValueError as e:
-        raise CertificateFileError(f"{os.fspath(path)} is not a PEM certificate: {e}") from e
+        raise CertificateFileError(f"{name} is not a PEM certificate: {e}") from e
 
 
-def _load_private_key(path: str) -> ec.EllipticCurvePrivateKey:
-    data = _read(path)
+def _parse_private_key(pem: bytes, name: str) -> ec.EllipticCurvePrivateKey:
     try:
-        key = serialization.load_pem_private_key(data, password=None)
+        key = serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError) as e:
-        raise CertificateFileError(f"{path} is not an unencrypted PEM private key: {e}") from e
+        raise CertificateFileError(f"{name} is not an unencrypted PEM private key: {e}") from e
     return key  # type: ignore[return-value]
 
 
@@ -227,8 +233,25 @@ def _read(path: str | os.PathLike[str]) -> bytes:
         raise CertificateFileError(f"cannot read {os.fspath(path)}: {e.strerror}") from e
 
 
-def _issue(service: str, namespace: str, days: int,
-           now: dt.datetime) -> tuple[bytes, bytes, bytes, dt.datetime]:
+def write_pair(out_dir: str | os.PathLike[str], ca_pem: bytes, cert_pem: bytes,
+               key_pem: bytes) -> None:
+    """Write ca.crt, tls.key and tls.crt into ``out_dir`` atomically, tls.crt last (see the
+    module docstring), creating the directory if needed."""
+    out_dir = os.fspath(out_dir)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise CertificateFileError(f"cannot create directory {out_dir}: {e.strerror}") from e
+    ca_path, cert_path, key_path = _paths(out_dir)
+    _write_atomic(ca_path, ca_pem, 0o644)
+    _write_atomic(key_path, key_pem, 0o600)
+    _write_atomic(cert_path, cert_pem, 0o644)
+
+
+def issue_pair(service: str, namespace: str, days: int,
+               now: dt.datetime) -> tuple[bytes, bytes, bytes, dt.datetime]:
+    """A new CA and a serving certificate it signs, valid ``days`` from ``now`` (UTC, aware):
+    (ca.crt PEM, tls.crt PEM, tls.key PEM, notAfter). The CA's key is dropped."""
     not_before = now - CLOCK_SKEW
     not_after = now + dt.timedelta(days=days)
 

@@ -69,9 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser(
         "serve", help="serve the webhook over TLS with gunicorn",
-        description="Serve the webhook (POST /mutate...) and /healthz, /readyz, /metrics over "
-                    "TLS with gunicorn, with the pair in --cert-dir (poolkeeper certs makes "
-                    "one). Exits 2 with one message naming every invalid setting or rule.")
+        description="Serve the webhook (POST /mutate...) and /healthz, /readyz over TLS with "
+                    "gunicorn, with the pair in --cert-dir (poolkeeper certs makes one, or "
+                    "--manage-certs), and GET /metrics over plain HTTP on --metrics-port. Exits "
+                    "2 with one message naming every invalid setting or rule.")
     _setting(serve, "--host", "address to listen on")
     _setting(serve, "--port", "port to listen on", type=int)
     _setting(serve, "--cert-dir", "directory with tls.crt and tls.key", metavar="DIR")
@@ -88,6 +89,23 @@ def build_parser() -> argparse.ArgumentParser:
     _setting(serve, "--audit-interval", "seconds between drift audits, run in the one process "
              "the audit Lease elects (0: off; only with namespaces from the API server)",
              type=float, metavar="SECONDS")
+    _setting(serve, "--metrics-port", "plain-HTTP port of GET /metrics (0: none)", type=int,
+             metavar="PORT")
+    managed = serve.add_argument_group(
+        "certificates", "With --manage-certs poolkeeper keeps the CA and serving pair in a "
+        "Secret, renews them, keeps the caBundle of every webhook current, and serves the pair "
+        "from --cert-dir (which must be writable).")
+    _setting(managed, "--manage-certs", "manage the certificates and caBundle (needs the API "
+             "server)", action="store_true", default=None)
+    _setting(managed, "--cert-secret", "the Secret", metavar="NS/NAME")
+    _setting(managed, "--service", "the Service the webhooks call, in the Secret's namespace",
+             metavar="NAME")
+    _setting(managed, "--webhook-configuration", "the MutatingWebhookConfiguration whose "
+             "webhooks get the caBundle", metavar="NAME")
+    _setting(managed, "--cert-days", "lifetime of a new pair, renewed two thirds into it",
+             type=int, metavar="N")
+    _setting(managed, "--cert-overlap", "seconds the caBundle still trusts the old CA after a "
+             "new one", type=float, metavar="SECONDS")
     _add_source_options(serve)
 
     mutate = commands.add_parser(
@@ -302,10 +320,13 @@ def serve(args: argparse.Namespace) -> int:
     from .certs import cert_paths
 
     missing = [p for p in cert_paths(settings.cert_dir) if not os.path.isfile(p)]
-    if missing:
+    if missing and not settings.manage_certs:
         raise ConfigError(f"{', '.join(missing)} not found: create them with "
-                          f"'poolkeeper certs --out {settings.cert_dir}'")
+                          f"'poolkeeper certs --out {settings.cert_dir}', or serve with "
+                          "--manage-certs")
     _check_port_free(settings.host, settings.port)
+    if settings.metrics_port:
+        _check_port_free(settings.host, settings.metrics_port, "--metrics-port")
     # Workers build their app from the environment, as in the container image.
     for name, value in vars(args).items():
         if name not in _NOT_SETTINGS and value is not None:
@@ -316,7 +337,7 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_port_free(host: str, port: int) -> None:
+def _check_port_free(host: str, port: int, option: str = "--port") -> None:
     """A clear message instead of gunicorn's retries and traceback when the port is taken."""
     import socket
 
@@ -326,9 +347,10 @@ def _check_port_free(host: str, port: int) -> None:
         try:
             probe.bind((host, port))
         except OSError as exc:
+            hint = "poolkeeper serve --port N, make run PORT=N" if option == "--port" else \
+                f"poolkeeper serve {option} N"
             raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; stop what "
-                              "uses it or pick another port (poolkeeper serve --port N, make run "
-                              "PORT=N)") from None
+                              f"uses it or pick another port ({hint})") from None
 
 
 def mutate(args: argparse.Namespace) -> int:

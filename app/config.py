@@ -8,6 +8,7 @@ container); the option wins. All problems are reported together at start-up in o
 from __future__ import annotations
 
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -35,6 +36,18 @@ class Settings:
     threads: int = 4
     keepalive: int = 75  # seconds; above the API server's idle-connection reuse, below LB defaults
     log_level: str = "info"
+    # plain-HTTP GET /metrics on its own port, so a NetworkPolicy can admit only Prometheus to it
+    # (0: none)
+    metrics_port: int = 9090
+    # certificates: with manage_certs, poolkeeper keeps the CA and serving pair in cert_secret
+    # (NS/NAME; the Service is `service` in that namespace) and the caBundle of every webhook of
+    # the MutatingWebhookConfiguration webhook_configuration (app/certmanager.py)
+    manage_certs: bool = False
+    cert_secret: str = "poolkeeper-system/poolkeeper-tls"
+    service: str = "poolkeeper"
+    webhook_configuration: str = "poolkeeper"
+    cert_days: int = 365  # lifetime of a pair it issues; renewed after two thirds of it
+    cert_overlap: float = 3600.0  # seconds the caBundle still trusts the CA before a renewal
     # namespace source
     namespaces_file: str | None = None  # embedded source instead of the API server
     kubeconfig: str | None = None  # default: in-cluster, else $KUBECONFIG / ~/.kube/config
@@ -49,8 +62,22 @@ class Settings:
     def resolved_workers(self) -> int:
         return self.workers or 2 * (os.cpu_count() or 1) + 1
 
+    @property
+    def secret_namespace(self) -> str:
+        return self.cert_secret.partition("/")[0]
+
+    @property
+    def secret_name(self) -> str:
+        return self.cert_secret.partition("/")[2]
+
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
+# k8s.io/apimachinery/pkg/util/validation: IsDNS1123Label (namespaces), IsDNS1035Label
+# (Services), IsDNS1123Subdomain (most object names), each within its length limit.
+_DNS1123_LABEL = re.compile(r"^(?=.{1,63}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS1035_LABEL = re.compile(r"^(?=.{1,63}$)[a-z]([-a-z0-9]*[a-z0-9])?$")
+_DNS1123_SUBDOMAIN = re.compile(
+    r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 # Field name -> its type (the annotations are strings under `from __future__ import annotations`).
 _FIELD_TYPES: dict[str, Any] = typing.get_type_hints(Settings)
 
@@ -60,13 +87,24 @@ def _type_name(typ: Any) -> str:
         if isinstance(typ, types.UnionType) else typ.__name__
 
 
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no", "")
+
+
 def _convert(raw: Any, typ: Any) -> Any:
     """``raw`` (an option's value, or an environment variable's text) as the field's type:
-    int, float or str, or ``X | None`` where an empty string means None."""
+    int, float, str or bool (true/false, 1/0, yes/no), or ``X | None`` where an empty string
+    means None."""
     allowed = typing.get_args(typ) if isinstance(typ, types.UnionType) else (typ,)
     base = next(t for t in allowed if t is not type(None))
     if raw == "" and type(None) in allowed:
         return None
+    if base is bool:
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text not in _TRUE + _FALSE:
+            raise ValueError(raw)
+        return text in _TRUE
     return base(raw)
 
 
@@ -104,6 +142,23 @@ def _validate(s: Settings) -> list[str]:
     problems = []
     if not 0 < s.port < 65536:
         problems.append(f"port: {s.port} is not in 1..65535")
+    if not 0 <= s.metrics_port < 65536:
+        problems.append(f"metrics-port: {s.metrics_port} is not in 1..65535 (0: none)")
+    elif s.metrics_port == s.port:
+        problems.append(f"metrics-port: {s.metrics_port} is the webhook port too")
+    namespace, slash, name = s.cert_secret.partition("/")
+    if not (slash and _DNS1123_LABEL.match(namespace) and _DNS1123_SUBDOMAIN.match(name)):
+        problems.append(f"cert-secret: {s.cert_secret!r} is not NAMESPACE/NAME")
+    if not _DNS1035_LABEL.match(s.service):
+        problems.append(f"service: {s.service!r} is not a valid Service name (lowercase "
+                        "letters, digits and '-', starting with a letter, <= 63)")
+    if not _DNS1123_SUBDOMAIN.match(s.webhook_configuration):
+        problems.append(f"webhook-configuration: {s.webhook_configuration!r} is not a valid "
+                        "object name")
+    if s.cert_days < 1:
+        problems.append(f"cert-days: {s.cert_days} must be >= 1")
+    if s.cert_overlap <= 0:
+        problems.append(f"cert-overlap: {s.cert_overlap} must be > 0 seconds")
     if s.workers < 0:
         problems.append(f"workers: {s.workers} must be >= 0 (0 means 2 x cores + 1)")
     if s.threads < 1:

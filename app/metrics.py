@@ -81,6 +81,12 @@ AUDIT_LAST_RUN = Gauge(
 MAX_DRIFT_SERIES = 1000
 OTHER_NAMESPACES = "_other"
 _drift_series: set[tuple[str, str]] = set()  # every series this process has set
+# The certificate manager (serve --manage-certs); conflict: another replica wrote first.
+CERTIFICATE_ACTIONS = Counter(
+    "poolkeeper_certificate_actions_total", "What the certificate manager changed, by action.",
+    ["action"])
+CERTIFICATE_ACTION_NAMES = ("created", "renewed", "replaced", "overlap_ended", "cabundle_set",
+                            "served", "conflict")
 
 LOOKUP_HIT = NAMESPACE_LOOKUPS.labels("hit")
 LOOKUP_MISS = NAMESPACE_LOOKUPS.labels("miss")
@@ -112,6 +118,8 @@ def initialise() -> None:
         NAMESPACE_LOOKUPS.labels(result)
     for kind, operation in REVIEWED:
         ADMISSION_REQUESTS.labels(kind, operation, "error")
+    for action in CERTIFICATE_ACTION_NAMES:
+        CERTIFICATE_ACTIONS.labels(action)
 
 
 def observe_review(kind: str, operation: str, decision: str, seconds: float) -> None:

@@ -52,8 +52,9 @@ log = logging.getLogger("poolkeeper.webhook")
 admission_log = logging.getLogger("poolkeeper.admission")
 
 JSON = "application/json"
-ENDPOINTS = ["POST /mutate", "POST /mutate/<webhook>", "GET /healthz", "GET /readyz",
-             "GET /metrics"]
+# GET /metrics is on its own plain-HTTP port (app/server/sidecar.py), where a NetworkPolicy
+# admits only Prometheus.
+ENDPOINTS = ["POST /mutate", "POST /mutate/<webhook>", "GET /healthz", "GET /readyz"]
 
 EXTENSION = "poolkeeper"  # app.extensions[EXTENSION] holds the Services
 blueprint = Blueprint("poolkeeper", __name__)
@@ -165,13 +166,6 @@ def _too_large(length: int | None) -> RequestError:
     return RequestError(413, f"the body is {size}; poolkeeper accepts at most {MAX_BODY_BYTES} "
                              "bytes (two objects at the API server's 3 MiB limit plus the "
                              "envelope)")
-
-
-@blueprint.get("/metrics")
-def scrape() -> Response:
-    services = _services()
-    return Response(metrics.exposition(services.cert_file, services.rules.digest), 200,
-                    mimetype=metrics.CONTENT_TYPE)
 
 
 @blueprint.get("/healthz")

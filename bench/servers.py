@@ -147,8 +147,11 @@ def start(name: str, cert_dir: Path, work: Path, *, namespaces_yaml: Path | None
           args: tuple[str, ...] = (), deadline_s: float = 90.0) -> Server:
     """Start one server and return once every worker answers (or raise with its log)."""
     port = port or free_port()
+    # The metrics port: a free one for poolkeeper, none for the floor and OPA apps (they share
+    # poolkeeper's gunicorn configuration, which binds it).
     env = {"POOLKEEPER_HOST": "127.0.0.1", "POOLKEEPER_PORT": str(port),
-           "POOLKEEPER_CERT_DIR": str(cert_dir)}
+           "POOLKEEPER_CERT_DIR": str(cert_dir),
+           "POOLKEEPER_METRICS_PORT": str(free_port()) if name == "poolkeeper" else "0"}
     if workers:
         env["POOLKEEPER_WORKERS"] = str(workers)
     if threads:

@@ -1,18 +1,30 @@
 #!/usr/bin/env bash
-# Installs or upgrades poolkeeper in the cluster of the current kubectl context, with its serving
-# certificate; run again at any time (it is idempotent) and it renews the certificate when it is
-# within 30 days of expiry, without downtime. `make kind-deploy` runs it.
+# Installs or upgrades poolkeeper in the cluster of the current kubectl context; run again at any
+# time (it is idempotent). `make kind-deploy` runs it.
 #
 #   integration/deploy.sh [KUSTOMIZATION]      default: deploy (the base); e.g. deploy/overlays/kind
 #
+# Two ways to the certificates (README "Deploying to a cluster"), told apart by the rendered
+# Deployment (POOLKEEPER_MANAGE_CERTS):
+# - managed (the base, kind): poolkeeper creates and renews the Secret poolkeeper-tls and keeps
+#   the caBundle itself. This script applies the workload and waits for the rollout (ready pods
+#   serve the Secret's pair); creates the webhook configuration, when there is none, with the
+#   Secret's CA as caBundle (`kubectl create`: kubectl keeps no record of the caBundle, so no
+#   later apply removes it); drops the caBundle from kubectl's record of the configuration
+#   (`kubectl apply set-last-applied`: an install made by this script before recorded it, and
+#   the next apply would remove it); then applies the admission objects.
+# - external (deploy/overlays/external-certs): this script makes and rotates the certificate,
+#   as below, and renews it when it is within 30 days of expiry, without downtime.
+#
 # Environment:
 #   IMAGE=REF     run this image instead of the manifests' poolkeeper image
-#   ROTATE=1      replace the certificate now, even if it is still good
+#   ROTATE=1      replace the certificate now, even if it is still good (managed: by deleting
+#                 the Secret, which poolkeeper makes again with a new CA)
 #   PYTHON        a Python with poolkeeper installed (default: $VENV/bin/python, VENV as in the
 #                 Makefile: .venv unless set, as in the dev container)
 #   KUBECTL       default: kubectl
 #
-# Steps:
+# Steps (external):
 #   1. The namespace, then the current pair from Secret poolkeeper-tls (if any). `poolkeeper
 #      certs` keeps it when it is good, else makes a new CA and pair (ROTATE=1: always).
 #   2. Fresh install: the Secret, the workload, wait for the rollout, then the webhook
@@ -23,7 +35,8 @@
 #      the Secret gets the new pair and the Deployment rolls (maxUnavailable 0, PDB): every pod
 #      serves the new pair; then the caBundle drops the old CA. No review fails at any point.
 #   4. Kept pair: the manifests are applied as they are now (an upgrade), caBundle unchanged.
-# Without cert-manager only; with it, use `kubectl apply -k deploy/overlays/cert-manager`.
+# Without cert-manager only; with it, use `kubectl apply -k deploy/overlays/cert-manager`. Run on
+# a kustomization whose Deployment manages its certificates it takes the managed path above.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,6 +45,7 @@ NAMESPACE=poolkeeper-system
 SERVICE=poolkeeper
 SECRET=poolkeeper-tls
 DEPLOYMENT=poolkeeper
+WEBHOOK_CONFIGURATION=poolkeeper
 KUBECTL=${KUBECTL:-kubectl}
 PYTHON=${PYTHON:-${VENV:-.venv}/bin/python}
 ROLLOUT_TIMEOUT=${ROLLOUT_TIMEOUT:-180s}
@@ -74,6 +88,34 @@ store_secret() {  # store_secret DIR
 
 say "context $(kc config current-context), kustomization $KUSTOMIZATION"
 kc get namespace "$NAMESPACE" >/dev/null 2>&1 || kc create namespace "$NAMESPACE"
+
+if [[ $("$PYTHON" integration/manifests.py "$KUSTOMIZATION" --certificates) == managed ]]; then
+  say "poolkeeper manages its certificates (Secret $SECRET) and the caBundle"
+  apply_workload
+  if ! kc get mutatingwebhookconfiguration "$WEBHOOK_CONFIGURATION" >/dev/null 2>&1; then
+    kc -n "$NAMESPACE" get secret "$SECRET" -o 'jsonpath={.data.ca\.crt}' | base64 -d \
+      >"$work/current/ca.crt"
+    render webhooks "$work/current/ca.crt" | kc create -f -
+  fi
+  render webhooks | kc apply set-last-applied --create-annotation -f -
+  apply_admission
+  if [[ ${ROTATE:-} == 1 ]]; then  # a new CA now: poolkeeper makes one, trusting the old meanwhile
+    old=$(kc -n "$NAMESPACE" get secret "$SECRET" -o 'jsonpath={.data.ca\.crt}')
+    kc -n "$NAMESPACE" delete secret "$SECRET"
+    for _ in $(seq 120); do
+      new=$(kc -n "$NAMESPACE" get secret "$SECRET" -o 'jsonpath={.data.ca\.crt}' 2>/dev/null) \
+        && [[ -n $new && $new != "$old" ]] && break
+      sleep 0.5
+    done
+    if [[ -z ${new:-} || $new == "$old" ]]; then
+      say "poolkeeper did not make a new Secret in 60s: see make logs"; exit 1
+    fi
+    say "rotated: a new CA in Secret $SECRET; the old one stays trusted for the overlap"
+  fi
+  say "done: $(kc -n "$NAMESPACE" get deployment "$DEPLOYMENT" \
+    -o jsonpath='{.status.readyReplicas}/{.spec.replicas}') replicas ready"
+  exit 0
+fi
 
 have_current=false
 if kc -n "$NAMESPACE" get secret "$SECRET" >/dev/null 2>&1; then

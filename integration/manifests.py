@@ -4,7 +4,9 @@
 
 prints the objects of ``kubectl kustomize DIR`` (default ``deploy``) with every webhook's
 ``clientConfig.caBundle`` set to the given CA certificates (several during a rotation, so the API
-server trusts the old and the new serving certificate). integration/deploy.sh and the apiserver
+server trusts the old and the new serving certificate). ``--certificates`` prints ``managed``
+when the rendered Deployment manages its own certificates (POOLKEEPER_MANAGE_CERTS, the base),
+else ``external`` (deploy/components/external-certs). integration/deploy.sh and the apiserver
 tier (tests/test_apiserver_tier.py) render through here, so both apply the same objects.
 """
 
@@ -102,9 +104,24 @@ def with_image(objects: Iterable[dict], name: str, reference: str) -> list[dict]
 
 
 def part(objects: Iterable[dict], which: str) -> list[dict]:
-    """``admission``: the webhook configuration and policies; ``workload``: everything else."""
+    """``admission``: the webhook configuration and policies; ``webhooks``: only the webhook
+    configurations; ``workload``: everything else."""
+    if which == "webhooks":
+        return [o for o in objects if o.get("kind") in WEBHOOK_KINDS]
     admission = which == "admission"
     return [o for o in objects if (o.get("kind") in ADMISSION_KINDS) == admission]
+
+
+def manages_certificates(objects: Iterable[dict]) -> bool:
+    """Whether the Deployment runs poolkeeper with POOLKEEPER_MANAGE_CERTS=true."""
+    for obj in objects:
+        if obj.get("kind") != "Deployment":
+            continue
+        for container in obj["spec"]["template"]["spec"].get("containers", []):
+            for env in container.get("env", []):
+                if env.get("name") == "POOLKEEPER_MANAGE_CERTS":
+                    return str(env.get("value", "")).lower() == "true"
+    return False
 
 
 def dump(objects: Iterable[dict]) -> str:
@@ -121,12 +138,20 @@ def main(argv: list[str] | None = None) -> int:
                              "rotation (old and new)")
     parser.add_argument("--image", metavar="NAME=REFERENCE",
                         help="run REFERENCE where the manifests name image NAME")
-    parser.add_argument("--part", choices=("all", "workload", "admission"), default="all",
+    parser.add_argument("--part", choices=("all", "workload", "admission", "webhooks"),
+                        default="all",
                         help="workload: all but the webhook configuration and policies, which "
-                             "are applied once the workload is ready (admission)")
+                             "are applied once the workload is ready (admission); webhooks: "
+                             "only the webhook configuration")
+    parser.add_argument("--certificates", action="store_true",
+                        help="print managed (poolkeeper manages its certificates) or external, "
+                             "instead of the objects")
     args = parser.parse_args(argv)
     try:
         objects = render(args.directory)
+        if args.certificates:
+            print("managed" if manages_certificates(objects) else "external")
+            return 0
         if args.ca_file:
             objects = with_ca_bundle(objects, ca_bundle(*args.ca_file))
         if args.image:

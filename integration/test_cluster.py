@@ -174,8 +174,10 @@ def test_integration_deleting_a_webhook_pod_loses_no_admission(core, namespaces)
 
 @pytest.mark.usefixtures("webhook_ready")
 def test_integration_certificate_rotation_loses_no_admission(api, apps, core, namespaces):
-    """integration/deploy.sh with ROTATE=1: a new CA and pair while pods are being created.
-    Uses the kustomization poolkeeper was installed with (INTEGRATION_KUSTOMIZATION, default
+    """integration/deploy.sh with ROTATE=1: a new CA and pair while pods are being created
+    (with the base, deploy.sh deletes the Secret and poolkeeper makes a new CA, trusting the old
+    one for the overlap; with external-certs, deploy.sh rotates it itself). Uses the
+    kustomization poolkeeper was installed with (INTEGRATION_KUSTOMIZATION, default
     deploy/overlays/kind) and the image it runs."""
     namespace = namespaces("team-rotate", agentpool="pool1")
     deployment = apps.read_namespaced_deployment("poolkeeper", NAMESPACE)

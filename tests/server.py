@@ -29,6 +29,12 @@ class Server:
     port: int
     cert_dir: Path
     log_path: Path
+    metrics_port: int = 0
+
+    @property
+    def metrics_url(self) -> str:
+        """GET /metrics, plain HTTP on its own port."""
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     @property
     def url(self) -> str:
@@ -78,16 +84,18 @@ def start_server(cert_dir: Path, log_path: Path, *args: str, env: dict | None = 
                  workers: int = 2, threads: int = 2, wait_ready: bool = True,
                  deadline_s: float = 60.0) -> Server:
     port = free_port()
+    while (metrics_port := free_port()) == port:
+        pass
     environment = {k: v for k, v in os.environ.items() if not k.startswith("POOLKEEPER_")}
     environment.update(env or {})
     command = [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port),
                "--cert-dir", str(cert_dir), "--workers", str(workers), "--threads",
-               str(threads), *args]
+               str(threads), "--metrics-port", str(metrics_port), *args]
     log = open(log_path, "wb")
     process = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=log,
                                stderr=subprocess.STDOUT)
     log.close()
-    server = Server(process, port, cert_dir, log_path)
+    server = Server(process, port, cert_dir, log_path, metrics_port)
     deadline = time.monotonic() + deadline_s
     path = "/readyz" if wait_ready else "/healthz"
     with server.session() as session:
@@ -97,8 +105,10 @@ def start_server(cert_dir: Path, log_path: Path, *args: str, env: dict | None = 
             try:
                 if session.get(server.url + path, timeout=2).status_code == 200:
                     return server
-            except (requests.ConnectionError, requests.Timeout):
-                pass  # not listening yet, or (a loaded machine) slow to answer while booting
+            except (requests.ConnectionError, requests.Timeout, OSError):
+                # not listening yet, (a loaded machine) slow to answer while booting, or (with
+                # --manage-certs) no ca.crt to verify it with yet
+                pass
             if time.monotonic() > deadline:
                 server.stop()
                 raise RuntimeError(f"poolkeeper serve not ready on {path}:\n{server.log()}")

@@ -2,24 +2,31 @@
 
 etcd + miniapiserver (k8s.io/apiserver with its real MutatingAdmissionWebhook,
 ValidatingAdmissionPolicy and MutatingAdmissionPolicy plugins; not kube-apiserver: no scheduler,
-no controllers, see ../shared/tools/miniapiserver/README.md), and `poolkeeper serve` over TLS with
-the pair `poolkeeper certs --service poolkeeper --namespace poolkeeper-system` writes, reading
-namespaces from that API server. The base rendered from deploy/ (integration/manifests.py, as
-integration/deploy.sh does) is applied with the generated caBundle; the server runs the rules of
-the applied ConfigMap; the Service is mapped to the server's loopback port. Every request below
-goes through the kubernetes client and the API server: the scenarios of integration/ that need
-no scheduler or controller.
+no controllers and no RBAC enforcement, see ../shared/tools/miniapiserver/README.md), and
+`poolkeeper serve --manage-certs` standing in for the pods: it creates the Secret poolkeeper-tls,
+serves its pair over TLS and keeps the caBundle of every webhook, reading namespaces from that API
+server. The base rendered from deploy/ (integration/manifests.py, as integration/deploy.sh does;
+no caBundle anywhere) is installed as deploy.sh does: the workload, poolkeeper serving, then the
+admission objects with `kubectl apply`. The server runs the rules of the applied ConfigMap; the
+Service is mapped to the server's loopback port. Every request below goes through the kubernetes
+client and the API server: the scenarios of integration/ that need no scheduler or controller.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import copy
+import datetime as dt
 import json
 import os
 import random
 import re
+import socket
+import ssl
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -30,12 +37,17 @@ import kubernetes.client
 import kubernetes.dynamic
 import pytest
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from kubernetes.client.rest import ApiException
 from kubernetes.dynamic.exceptions import ResourceNotFoundError
 
+from app import certs
 from app.admission import admit
+from app.certmanager import CertManager, fingerprint, split_certificates
+from app.config import Settings
 from app.kube import load_api_client
-from integration.manifests import DEPLOY, kubectl, listed_files, render, with_ca_bundle
+from integration.manifests import DEPLOY, kubectl, render, with_ca_bundle
 
 from .apiserver import MiniApiServer, apiserver_fixture
 from .server import Server, start_server
@@ -49,6 +61,10 @@ uninstall_apiserver = apiserver_fixture("uninstall_apiserver", scope="module")
 
 SERVICE = "poolkeeper-system/poolkeeper:443"  # what every webhook's clientConfig.service names
 MWC = "poolkeeper"
+SECRET = "poolkeeper-tls"
+# A renewal's overlap for the tier's poolkeeper: the caBundle trusts the old CA this long after
+# a new one appears (a pod serves the new pair about 6 s after: SETTLE, then the file watcher).
+OVERLAP = 12
 POLICY = "poolkeeper-pod-placement"
 DEADLINE = 30.0  # seconds any eventual condition may take; conditions are polled, never slept on
 # Objects the API server applies asynchronously (webhook configurations, policies, namespace
@@ -116,7 +132,7 @@ class Tier:
     apiserver: MiniApiServer
     api: kubernetes.client.ApiClient
     dynamic: kubernetes.dynamic.DynamicClient
-    objects: list[dict]  # the rendered base, caBundle set
+    objects: list[dict]  # the rendered base (no caBundle: poolkeeper sets it)
     cert_dir: Path
     rules_dir: Path
     log_dir: Path
@@ -151,16 +167,31 @@ class Tier:
             return
         resource.create(body=obj, namespace=obj["metadata"].get("namespace"))
 
+    def apply(self, obj: dict, *flags: str) -> subprocess.CompletedProcess:
+        """`kubectl apply -f` of ``obj`` (client-side unless ``flags`` say otherwise)."""
+        return self.kubectl("apply", *flags, "-f", "-", stdin=yaml.safe_dump(obj))
+
+    def kubectl(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+        result = subprocess.run([kubectl(), "--kubeconfig", self.apiserver.kubeconfig, *args],
+                                input=stdin, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        return result
+
     def start_server(self) -> None:
         """`poolkeeper serve` on a free port, ready (first namespace listing done), mapped as the
         webhooks' Service."""
         if self.server is not None:
             self.server.stop()  # never two at once
-        self.starts += 1
-        self.server = start_server(self.cert_dir, self.log_dir / f"serve-{self.starts}.log",
-                                   "--kubeconfig", self.apiserver.kubeconfig,
-                                   "--rules", str(self.rules_dir))
+        self.server = self.serve(self.cert_dir)
         self.apiserver.map_webhook_service(SERVICE, f"127.0.0.1:{self.server.port}")
+
+    def serve(self, cert_dir: Path, *args: str) -> Server:
+        """`poolkeeper serve --manage-certs` (a pod), ready; not mapped as the Service."""
+        self.starts += 1
+        return start_server(cert_dir, self.log_dir / f"serve-{self.starts}.log",
+                            "--kubeconfig", self.apiserver.kubeconfig,
+                            "--rules", str(self.rules_dir), "--manage-certs",
+                            "--cert-overlap", str(OVERLAP), *args)
 
     def ensure_webhook(self) -> None:
         """poolkeeper serving and its webhook configuration active, whatever a test left."""
@@ -171,7 +202,7 @@ class Tier:
         except ApiException as exc:
             if exc.status != 404:
                 raise
-            self.create(self.object("MutatingWebhookConfiguration"))
+            self.create(self.object("MutatingWebhookConfiguration"))  # poolkeeper sets caBundle
         wait_for(self.webhook_pins_pods, "the placement webhook to pin a dry-run pod")
 
     def webhook_pins_pods(self) -> bool:
@@ -179,8 +210,8 @@ class Tier:
             created = self.core.create_namespaced_pod(self.pool1, pod(unique("probe")),
                                                       dry_run="All")
         except ApiException as exc:
-            # 500: the API server cannot reach poolkeeper yet; the policy's 403: it does not
-            # call the webhook configuration just created yet.
+            # 500: the API server cannot reach poolkeeper yet (or trust it: no caBundle yet); the
+            # policy's 403: it does not call the webhook configuration just created yet.
             if exc.status == 500 or (exc.status == 403 and POLICY in status_message(exc)):
                 return False
             raise
@@ -209,16 +240,17 @@ def tier(tier_apiserver: MiniApiServer, tmp_path_factory: pytest.TempPathFactory
 @contextlib.contextmanager
 def installed(apiserver: MiniApiServer, base: Path) -> Iterator[Tier]:
     """The base installed as integration/deploy.sh does (the workload, poolkeeper serving, then
-    the webhook configuration and the policy), a pool1 and a plain namespace, the webhook
-    pinning pods."""
+    the webhook configuration and the policy with `kubectl apply`), a pool1 and a plain
+    namespace, the webhook pinning pods. No Secret and no caBundle come from here: poolkeeper
+    (--manage-certs, an empty certificate directory) creates the one and sets the other."""
     cert_dir, rules_dir, log_dir = base / "tls", base / "rules", base / "logs"
     rules_dir.mkdir()
     log_dir.mkdir()
-    certs = subprocess.run([sys.executable, "-m", "app", "certs", "--out", str(cert_dir),
-                            "--service", "poolkeeper", "--namespace", "poolkeeper-system"],
-                           cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
-    objects = render(DEPLOY) if kubectl() else listed_files(DEPLOY)
-    objects = with_ca_bundle(objects, certs.stdout.strip())
+    if kubectl() is None:
+        skip_or_fail("kubectl not found: the tier installs deploy/ with kubectl apply")
+    objects = render(DEPLOY)
+    assert not any("caBundle" in w.get("clientConfig", {}) for o in objects
+                   for w in o.get("webhooks", [])), "the manifests must not own the caBundle"
 
     api = load_api_client(apiserver.kubeconfig)
     dynamic = kubernetes.dynamic.DynamicClient(api, cache_file=str(base / "discovery.json"))
@@ -239,7 +271,7 @@ def installed(apiserver: MiniApiServer, base: Path) -> Iterator[Tier]:
             (rules_dir / name).write_text(text)
         tier.start_server()
         for kind in admission_kinds:
-            tier.create(tier.object(kind))
+            tier.apply(tier.object(kind))
 
         tier.pool1, tier.plain = unique("team-pool1"), unique("team-plain")
         tier.core.create_namespace({"metadata": {"name": tier.pool1,
@@ -260,9 +292,9 @@ def live(tier: Tier) -> Tier:
 
 
 def test_tier_base_is_accepted_by_the_api_server(tier: Tier):
-    # Everything in deploy/ that miniapiserver serves was created; it has no policy/v1 and no
-    # resourcequotas.
-    assert set(tier.not_served) <= {"PodDisruptionBudget", "ResourceQuota"}, tier.not_served
+    # Everything in deploy/ that miniapiserver serves was created; it has no policy/v1, no
+    # resourcequotas and no networking.k8s.io.
+    assert set(tier.not_served) <= set(NOT_SERVED), tier.not_served
     mwc = tier.admission.read_mutating_webhook_configuration(MWC)
     assert [w.name for w in mwc.webhooks] == ["placement.poolkeeper.io", "defaults.poolkeeper.io",
                                              "workloads.poolkeeper.io",
@@ -481,6 +513,321 @@ def test_tier_mirror_pods_are_left_alone(live: Tier):
     assert created.spec.node_selector is None
     assert created.spec.containers[0].resources.limits == {"cpu": "1"}
     assert live.admissions(name) == []
+
+
+# -- certificates and caBundle (serve --manage-certs) ---------------------------------------------
+
+
+def secret_data(tier: Tier) -> dict[str, bytes]:
+    """The Secret's data ({} while there is none)."""
+    try:
+        secret = tier.core.read_namespaced_secret(SECRET, "poolkeeper-system")
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+        return {}
+    return {k: base64.b64decode(v) for k, v in (secret.data or {}).items()}
+
+
+def bundles(tier: Tier) -> dict[str, str]:
+    """Every webhook's caBundle (base64, "" when unset), read as kubectl would."""
+    config = json.loads(tier.kubectl("get", "mutatingwebhookconfiguration", MWC,
+                                     "-o", "json").stdout)
+    return {w["name"]: w.get("clientConfig", {}).get("caBundle", "") for w in config["webhooks"]}
+
+
+def trusted_cas(tier: Tier) -> list[set[str]]:
+    """Per webhook, the fingerprints of the CAs its caBundle holds."""
+    return [{fingerprint(p) for p in split_certificates(base64.b64decode(bundle))}
+            for bundle in bundles(tier).values()]
+
+
+def served_certificate(server: Server) -> bytes:
+    """The DER certificate the server presents, as the API server dials it."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
+        with context.wrap_socket(raw, server_hostname="poolkeeper.poolkeeper-system.svc") as tls:
+            return tls.getpeercert(binary_form=True)
+
+
+def der(pem: bytes) -> bytes:
+    return x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
+
+
+def cabundle_sets(tier: Tier) -> int:
+    """How often poolkeeper (the server the Service is mapped to) has set a caBundle so far."""
+    return tier.server.log().count("set the caBundle of webhooks")
+
+
+def test_tier_poolkeeper_creates_its_secret_and_sets_every_cabundle(live: Tier):
+    # Nothing but poolkeeper wrote them: the fixture applied no Secret and no caBundle.
+    assert "the Secret did not exist: created it" in (live.log_dir / "serve-1.log").read_text()
+    secret = live.core.read_namespaced_secret(SECRET, "poolkeeper-system")
+    assert secret.type == "kubernetes.io/tls"
+    assert secret.metadata.labels == {"app.kubernetes.io/name": "poolkeeper"}
+    data = secret_data(live)
+    assert set(data) == {"ca.crt", "tls.crt", "tls.key"}
+    certs.check_pair(data["ca.crt"], data["tls.crt"], data["tls.key"], "poolkeeper",
+                     "poolkeeper-system")
+    assert served_certificate(live.server) == der(data["tls.crt"])
+    assert set(bundles(live).values()) == {base64.b64encode(data["ca.crt"]).decode()}
+    # kubectl's record of what it applied holds no caBundle: applying again never removes it.
+    config = live.admission.read_mutating_webhook_configuration(MWC)
+    applied = json.loads(
+        config.metadata.annotations["kubectl.kubernetes.io/last-applied-configuration"])
+    assert all("caBundle" not in w["clientConfig"] for w in applied["webhooks"])
+    created = live.core.create_namespaced_pod(live.pool1, pod(unique("web")))
+    assert created.spec.node_selector == {"agentpool": "pool1"}
+
+
+def test_tier_applying_the_manifests_again_keeps_the_cabundle_or_poolkeeper_restores_it(
+        live: Tier):
+    rendered = live.object("MutatingWebhookConfiguration")
+    before = bundles(live)
+    assert all(before.values())
+
+    def restored(what: str) -> float:
+        started = time.monotonic()
+        wait_for(lambda: bundles(live) == before, f"poolkeeper to restore the caBundle ({what})",
+                 timeout=10)
+        return time.monotonic() - started
+
+    # `kubectl apply -k deploy`, client-side and server-side: the caBundle is left alone
+    # (poolkeeper has nothing to restore).
+    for flags in ((), ("--server-side", "--force-conflicts")):
+        sets = cabundle_sets(live)
+        live.apply(rendered, *flags)
+        assert bundles(live) == before, flags
+        time.sleep(1.5)  # a removal would be restored by now, and counted
+        assert cabundle_sets(live) == sets, flags
+        assert live.core.create_namespaced_pod(live.pool1, pod(unique("web"))) \
+            .spec.node_selector == {"agentpool": "pool1"}
+
+    # A tool that replaces the object (kubectl replace, Argo CD's Replace=true) empties it;
+    # someone sets another CA on one webhook; a webhook is added: poolkeeper sets it again
+    # within seconds, for every webhook the configuration has.
+    live.kubectl("replace", "-f", "-", stdin=yaml.safe_dump(rendered))
+    print(f"\nkubectl replace: caBundle restored after {restored('replace'):.2f}s")
+    foreign = base64.b64encode(certs.issue_pair("other", "elsewhere", 30,
+                                                dt.datetime.now(dt.UTC))[0]).decode()
+    live.admission.patch_mutating_webhook_configuration(MWC, {"webhooks": [
+        {"name": "defaults.poolkeeper.io", "clientConfig": {"caBundle": foreign}}]})
+    restored("another CA")
+    extra = copy.deepcopy(rendered)
+    extra["webhooks"].append({**copy.deepcopy(rendered["webhooks"][-1]),
+                              "name": "extra.poolkeeper.io"})
+    live.apply(extra)
+    before["extra.poolkeeper.io"] = before["placement.poolkeeper.io"]
+    restored("a webhook added")
+    live.apply(rendered)  # kubectl removes the webhook it added
+    del before["extra.poolkeeper.io"]
+    assert bundles(live) == before
+    assert live.core.create_namespaced_pod(live.pool1, pod(unique("web"))) \
+        .spec.node_selector == {"agentpool": "pool1"}
+
+    # An install made by integration/deploy.sh before: kubectl's record holds the caBundle, so
+    # the next apply without it removes it, and poolkeeper restores it (deploy.sh now ends
+    # that: test_tier_deploy_sh_...).
+    live.apply(with_ca_bundle([rendered], before["placement.poolkeeper.io"])[0])
+    live.apply(rendered)
+    restored("after an install by the old deploy.sh")
+
+
+NOT_SERVED = ("PodDisruptionBudget", "ResourceQuota", "NetworkPolicy")  # by miniapiserver
+
+KUBECTL_WRAPPER = """
+import subprocess, sys, yaml
+args = sys.argv[1:]
+if args[:1] == ["-n"] and args[2:3] == ["rollout"]:
+    sys.exit(print("rollout: no controllers here"))  # poolkeeper serves already
+stdin = None
+if args[:1] == ["apply"] and args[1:2] != ["set-last-applied"] and args[-2:] == ["-f", "-"]:
+    docs = [d for d in yaml.safe_load_all(sys.stdin) if d and d["kind"] not in {not_served}]
+    stdin, args = yaml.safe_dump_all(docs), [*args, "--validate=false"]
+sys.exit(subprocess.run([{kubectl}, *args], input=stdin, text=True).returncode)
+"""
+
+
+def run_deploy_sh(tier: Tier, tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    """integration/deploy.sh against the tier's API server, through a kubectl wrapper:
+    miniapiserver runs no controllers (`kubectl rollout status` would wait forever: the wrapper
+    answers it, poolkeeper serves already) and serves no PDB, ResourceQuota or NetworkPolicy
+    (the wrapper leaves them out, as the tier's install does)."""
+    wrapper = tmp_path / "kubectl"
+    wrapper.write_text(f"#!{sys.executable}\n" + KUBECTL_WRAPPER.format(
+        not_served=repr(set(NOT_SERVED)), kubectl=repr(kubectl())))
+    wrapper.chmod(0o755)
+    env = {**os.environ, "KUBECONFIG": tier.apiserver.kubeconfig, "KUBECTL": str(wrapper),
+           "PYTHON": sys.executable, **env}
+    result = subprocess.run(["bash", str(ROOT / "integration/deploy.sh")], env=env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def test_tier_deploy_sh_installs_and_migrates_without_the_cabundle_ever_missing(live: Tier,
+                                                                                 tmp_path: Path):
+    rendered = live.object("MutatingWebhookConfiguration")
+    before = bundles(live)
+    # An install made by the old deploy.sh: kubectl's record of the configuration holds the
+    # caBundle. deploy.sh drops it from the record, so neither its own apply nor any later
+    # `kubectl apply -k deploy` removes the caBundle: poolkeeper has nothing to restore.
+    live.apply(with_ca_bundle([rendered], before["placement.poolkeeper.io"])[0])
+    sets = cabundle_sets(live)
+    assert "poolkeeper manages its certificates" in run_deploy_sh(live, tmp_path).stderr
+    config = live.admission.read_mutating_webhook_configuration(MWC)
+    applied = json.loads(
+        config.metadata.annotations["kubectl.kubernetes.io/last-applied-configuration"])
+    assert all("caBundle" not in w["clientConfig"] for w in applied["webhooks"])
+    live.apply(rendered)
+    time.sleep(1.5)
+    assert bundles(live) == before and cabundle_sets(live) == sets
+
+    # A first install: deploy.sh creates the configuration with the CA poolkeeper put in the
+    # Secret, so no call ever meets a configuration without caBundle.
+    live.admission.delete_mutating_webhook_configuration(MWC)
+    run_deploy_sh(live, tmp_path)
+    assert bundles(live) == before
+    time.sleep(1.5)
+    assert cabundle_sets(live) == sets
+    assert live.core.create_namespaced_pod(live.pool1, pod(unique("web"))) \
+        .spec.node_selector == {"agentpool": "pool1"}
+
+
+@contextlib.contextmanager
+def creating_pods(tier: Tier) -> Iterator[list]:
+    """Dry-run pods created in the pool1 namespace every 0.1 s meanwhile (the whole admission
+    chain runs for them); yields the list of (answer, error) of each, filled in when done."""
+    results: list = []
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.is_set():
+            try:
+                created = tier.core.create_namespaced_pod(tier.pool1, pod(unique("web")),
+                                                          dry_run="All")
+            except ApiException as exc:
+                results.append((None, f"{exc.status}: {status_message(exc)}"))
+            else:
+                results.append((created.spec.node_selector, None))
+            stop.wait(0.1)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield results
+    finally:
+        stop.set()
+        thread.join(30)
+
+
+def replace_pair(tier: Tier, ca: bytes, cert: bytes, key: bytes) -> None:
+    """The Secret gets another pair, as an admin would apply it (previous CAs and their
+    overlap dropped)."""
+    secret = tier.core.read_namespaced_secret(SECRET, "poolkeeper-system")
+    secret.data = {k: base64.b64encode(v).decode() for k, v in
+                   (("ca.crt", ca), ("tls.crt", cert), ("tls.key", key))}
+    secret.metadata.annotations = None
+    tier.core.replace_namespaced_secret(SECRET, "poolkeeper-system", secret)
+
+
+def rotation(tier: Tier, change: Callable[[], object]) -> dict[str, bytes]:
+    """``change`` the Secret while pods are created; follow poolkeeper through the overlap:
+    every webhook trusts the old and the new CA, the pod serves the new pair, the old CA goes.
+    Returns the Secret at the end; every pod was admitted and pinned throughout."""
+    old = secret_data(tier)
+    with creating_pods(tier) as results:
+        change()
+        current = wait_for(lambda: (d := secret_data(tier)).get("ca-previous.crt") and d,
+                           "poolkeeper to keep the old CA trusted for the overlap")
+        assert fingerprint(old["ca.crt"]) in {fingerprint(p) for p in
+                                              split_certificates(current["ca-previous.crt"])}
+        new = current["ca.crt"]
+        both = {fingerprint(old["ca.crt"]), fingerprint(new)}
+        wait_for(lambda: all(both <= cas for cas in trusted_cas(tier)),
+                 "every webhook to trust the old and the new CA")
+        wait_for(lambda: served_certificate(tier.server) == der(secret_data(tier)["tls.crt"]),
+                 "the pod to serve the new pair")
+        wait_for(lambda: trusted_cas(tier) == [{fingerprint(new)}] * len(trusted_cas(tier)),
+                 "the overlap to end", timeout=OVERLAP + DEADLINE)
+        time.sleep(1.0)  # and a few pods after it
+    final = secret_data(tier)
+    assert set(final) == {"ca.crt", "tls.crt", "tls.key"} and final["ca.crt"] == new
+    failed = [error for _, error in results if error]
+    assert failed == [], failed
+    assert len(results) > 50 and all(s == {"agentpool": "pool1"} for s, _ in results)
+    return final
+
+
+def test_tier_pods_are_admitted_throughout_a_new_ca_in_the_secret(live: Tier):
+    # What an admin's `poolkeeper certs --force` and `kubectl apply` of the Secret do: a new CA
+    # at once. The pod serves it only once every webhook trusts it; the old CA stays trusted
+    # for the overlap.
+    ca, cert, key, _ = certs.issue_pair("poolkeeper", "poolkeeper-system", 365,
+                                        dt.datetime.now(dt.UTC))
+    final = rotation(live, lambda: replace_pair(live, ca, cert, key))
+    assert final["tls.crt"] == cert  # a good pair is kept as it is
+
+
+def test_tier_a_deleted_secret_is_created_again_without_a_failed_admission(live: Tier,
+                                                                          tmp_path: Path):
+    # The way to force a new CA: delete the Secret, as `ROTATE=1 integration/deploy.sh` does.
+    # The pod keeps serving the old pair until every webhook trusts the new CA, and the old one
+    # stays trusted for the overlap.
+    old = secret_data(live)["ca.crt"]
+    final = rotation(live, lambda: run_deploy_sh(live, tmp_path, ROTATE="1"))
+    assert final["ca.crt"] != old
+
+
+def test_tier_a_pair_two_thirds_through_its_lifetime_is_renewed(live: Tier):
+    issued = dt.datetime.now(dt.UTC) - dt.timedelta(days=250)
+    ca, cert, key, _ = certs.issue_pair("poolkeeper", "poolkeeper-system", 365, issued)
+    final = rotation(live, lambda: replace_pair(live, ca, cert, key))
+    assert final["ca.crt"] != ca  # a new CA, issued now for the default lifetime
+    renewed = x509.load_pem_x509_certificate(final["tls.crt"])
+    assert renewed.not_valid_after_utc - dt.datetime.now(dt.UTC) > dt.timedelta(days=364)
+
+
+def test_tier_replicas_that_race_agree_on_one_secret_and_one_cabundle(live: Tier,
+                                                                      tmp_path: Path):
+    # Every replica manages, idempotently: two that read the same state (no Secret yet; a
+    # configuration without caBundle) both write; the second gets 409 (Conflict), reads again
+    # and finds nothing left to do, and both serve the winner's pair. Their own Secret and
+    # webhook configuration (a webhook no object matches), so the tier's stay as they are.
+    name, secret = "race-poolkeeper", "race-tls"
+    hook = copy.deepcopy(live.object("MutatingWebhookConfiguration")["webhooks"][1])
+    hook.update(name="race.poolkeeper.io", objectSelector={"matchLabels": {"race": "never"}})
+    live.admission.create_mutating_webhook_configuration(
+        {"metadata": {"name": name}, "webhooks": [hook]})
+    configuration = json.loads(live.kubectl("get", "mutatingwebhookconfiguration", name,
+                                            "-o", "json").stdout)
+    settings = [Settings(cert_dir=str(tmp_path / str(i)), manage_certs=True,
+                         cert_secret=f"poolkeeper-system/{secret}",
+                         webhook_configuration=name) for i in range(2)]
+    managers = [CertManager(live.api, s, settle=0) for s in settings]
+    try:
+        for manager in managers:  # what each one's watches reported
+            manager.observe_secret(None)
+            manager.observe_configuration(configuration)
+        first, second = managers
+        first.reconcile()  # creates the Secret, then sets the caBundle
+        assert second.reconcile() == 0  # its create: 409; it read the Secret again
+        assert second.reconcile() == 0  # its caBundle patch (old resourceVersion): 409
+        second.reconcile()
+        stored = live.core.read_namespaced_secret(secret, "poolkeeper-system")
+        pair = {k: base64.b64decode(v) for k, v in stored.data.items()}
+        for s in settings:
+            assert (Path(s.cert_dir) / "tls.crt").read_bytes() == pair["tls.crt"]
+        final = live.admission.read_mutating_webhook_configuration(name)
+        assert base64.b64decode(final.webhooks[0].client_config.ca_bundle) == pair["ca.crt"]
+        assert second.reconcile() > 0 and first.reconcile() > 0  # nothing left to do
+        assert live.core.read_namespaced_secret(secret, "poolkeeper-system") \
+            .metadata.resource_version == stored.metadata.resource_version
+    finally:
+        live.admission.delete_mutating_webhook_configuration(name)
+        live.core.delete_namespaced_secret(secret, "poolkeeper-system")
 
 
 def test_tier_webhook_down_placement_fails_closed_defaults_and_namespaces_fail_open(live: Tier):

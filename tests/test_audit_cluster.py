@@ -177,8 +177,7 @@ def test_audit_cluster_reads_pods_page_by_page(apiserver, core, apps):
 
 def scrape(server: Server) -> str:
     with server.session() as session:
-        response = session.get(server.url + "/metrics", timeout=10,
-                               headers={"Connection": "close"})
+        response = session.get(server.metrics_url, timeout=10, headers={"Connection": "close"})
     assert response.status_code == 200
     return response.text
 

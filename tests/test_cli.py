@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from app.cli import main
+from app.config import ConfigError
 
 from .support import ROOT, TESTDATA
 
@@ -136,6 +137,50 @@ def test_cli_certs_bad_names_exit_2(tmp_path, capsys):
 def test_cli_serve_without_certificates_says_how_to_make_them(tmp_path, capsys):
     assert main(["serve", "--cert-dir", str(tmp_path), "--namespaces", NAMESPACES]) == 2
     assert "poolkeeper certs --out" in capsys.readouterr().err
+
+
+def test_cli_serve_certificate_settings_are_checked_together(tmp_path, capsys):
+    code = main(["serve", "--cert-dir", str(tmp_path), "--namespaces", NAMESPACES,
+                 "--manage-certs", "--cert-secret", "poolkeeper-tls", "--service", "Pool_Keeper",
+                 "--webhook-configuration", "Bad Name", "--cert-overlap", "0",
+                 "--metrics-port", "8443"])
+    err = capsys.readouterr().err
+    assert code == 2
+    for fragment in ("cert-secret: 'poolkeeper-tls' is not NAMESPACE/NAME",
+                     "service: 'Pool_Keeper' is not a valid Service name",
+                     "webhook-configuration: 'Bad Name' is not a valid object name",
+                     "cert-overlap: 0.0 must be > 0 seconds",
+                     "metrics-port: 8443 is the webhook port too"):
+        assert fragment in err
+
+
+def test_cli_serve_manage_certs_without_an_api_server_exits_with_the_reason(tmp_path):
+    from .server import free_port
+
+    result = run("serve", "--manage-certs", "--kubeconfig", str(tmp_path / "missing"),
+                 "--cert-dir", str(tmp_path / "tls"), "--namespaces", NAMESPACES,
+                 "--host", "127.0.0.1", "--port", str(free_port()),
+                 "--metrics-port", str(free_port()))
+    assert result.returncode == 1
+    assert "poolkeeper cannot start: --manage-certs: kubeconfig not found" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_certificate_settings_have_the_documented_defaults_and_read_the_environment():
+    from app.config import load_settings
+
+    defaults = load_settings({}, {})
+    assert (defaults.manage_certs, defaults.cert_secret, defaults.service,
+            defaults.webhook_configuration, defaults.metrics_port) == (
+        False, "poolkeeper-system/poolkeeper-tls", "poolkeeper", "poolkeeper", 9090)
+    assert (defaults.secret_namespace, defaults.secret_name) == ("poolkeeper-system",
+                                                                 "poolkeeper-tls")
+    env = load_settings({}, {"POOLKEEPER_MANAGE_CERTS": "true",
+                             "POOLKEEPER_CERT_SECRET": "pk/pk-tls"})
+    assert env.manage_certs is True and env.secret_namespace == "pk"
+    assert load_settings({}, {"POOLKEEPER_MANAGE_CERTS": "false"}).manage_certs is False
+    with pytest.raises(ConfigError, match="POOLKEEPER_MANAGE_CERTS: 'maybe' is not a valid bool"):
+        load_settings({}, {"POOLKEEPER_MANAGE_CERTS": "maybe"})
 
 
 def test_cli_environment_configures_settings(monkeypatch, tmp_path, capsys):

@@ -129,8 +129,8 @@ def test_fuzz_hypothesis_reviews(server, client, long_run, figures):
 
 
 def _scrape(server: Server) -> bytes:
-    with server.session() as session:
-        return session.get(server.url + "/metrics", timeout=30).content
+    with server.session() as session:  # the metrics port, plain HTTP
+        return session.get(server.metrics_url, timeout=30).content
 
 
 @pytest.mark.parametrize("cls", [

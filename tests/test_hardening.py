@@ -274,7 +274,7 @@ def test_hardening_forged_namespaces_keep_series_and_files_bounded(tmp_path):
                           env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)})
     try:
         def series() -> int:
-            text = requests.get(server.url + "/metrics", verify=server.ca, timeout=10).text
+            text = requests.get(server.metrics_url, timeout=10).text
             return sum(1 for line in text.splitlines() if line and not line.startswith("#"))
 
         def files_size() -> int:
@@ -318,8 +318,7 @@ def test_hardening_forged_namespaces_keep_series_and_files_bounded(tmp_path):
         assert errors == []
         assert after_series - before_series <= 10  # the "-" series of each rule and effect
         assert after_files <= before_files * 2
-        assert "forged-" not in requests.get(server.url + "/metrics", verify=server.ca,
-                                             timeout=10).text
+        assert "forged-" not in requests.get(server.metrics_url, timeout=10).text
     finally:
         server.stop()
     assert os.path.isdir(metrics_dir)

@@ -8,6 +8,7 @@ kubectl exists. deploy/monitoring/ belongs to tests/test_monitoring.py.
 from __future__ import annotations
 
 import base64
+import os
 import re
 import subprocess
 import sys
@@ -21,7 +22,15 @@ from cryptography import x509
 from app.certs import serving_names
 from app.config import Settings
 from app.rules import WEBHOOKS, load_rules
-from integration.manifests import DEPLOY, ca_bundle, kubectl, listed_files, render, with_ca_bundle
+from integration.manifests import (
+    DEPLOY,
+    ca_bundle,
+    kubectl,
+    listed_files,
+    manages_certificates,
+    render,
+    with_ca_bundle,
+)
 
 from .support import ROOT, skip_or_fail
 
@@ -151,7 +160,8 @@ def test_manifests_kustomize_renders(directory: str):
 
 
 def test_manifests_overlays_are_the_documented_ones():
-    assert OVERLAYS == ["cert-manager", "in-tree", "kind", "no-admission-policy"]
+    assert OVERLAYS == ["cert-manager", "external-certs", "in-tree", "kind",
+                        "no-admission-policy"]
     readme = (ROOT / "README.md").read_text()
     for overlay in OVERLAYS:
         assert f"deploy/overlays/{overlay}" in readme
@@ -334,26 +344,21 @@ def test_manifests_cert_manager_certificate_has_the_same_names():
 # -- the workload ----------------------------------------------------------------------------------
 
 
-def test_manifests_service_maps_443_to_the_https_port(base):
+def test_manifests_service_maps_443_to_the_https_port_and_the_metrics_port(base):
     service = by_kind(base, "Service")
-    (port,) = service["spec"]["ports"]
-    assert (port["name"], port["port"], port["targetPort"]) == ("https", 443, "https")
+    ports = {p["name"]: (p["port"], p["targetPort"]) for p in service["spec"]["ports"]}
+    assert ports == {"https": (443, "https"), "metrics": (9090, "metrics")}
     pod = by_kind(base, "Deployment")["spec"]["template"]
     assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
     (container,) = pod["spec"]["containers"]
     assert {"name": "https", "containerPort": 8443, "protocol": "TCP"} in container["ports"]
+    assert {"name": "metrics", "containerPort": 9090, "protocol": "TCP"} in container["ports"]
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == "9090"
+    assert pod["metadata"]["annotations"]["prometheus.io/scheme"] == "http"
     monitor = DEPLOY / "monitoring/servicemonitor.yaml"
     if monitor.exists():  # what deploy/monitoring scrapes must exist here
         doc = yaml.safe_load(monitor.read_text())
-        assert doc["spec"]["endpoints"][0]["port"] == port["name"]
-        assert doc["spec"]["endpoints"][0]["tlsConfig"]["ca"]["secret"]["name"] == \
-            tls_secret(base)
-
-
-def tls_secret(base) -> str:
-    volumes = by_kind(base, "Deployment")["spec"]["template"]["spec"]["volumes"]
-    (volume,) = [v for v in volumes if v["name"] == "tls"]
-    return volume["secret"]["secretName"]
+        assert doc["spec"]["endpoints"][0]["port"] == "metrics"
 
 
 def test_manifests_deployment_is_highly_available(base):
@@ -417,7 +422,11 @@ def test_manifests_deployment_is_locked_down(base):
     mounts = {m["name"]: m for m in container["volumeMounts"]}
     assert mounts["kube-api-access"]["mountPath"] == \
         "/var/run/secrets/kubernetes.io/serviceaccount"  # where app/kube.py reads it
-    assert all(m.get("readOnly") for n, m in mounts.items() if n != "tmp")
+    # Writable: only memory-backed emptyDirs (the metrics files; the pair poolkeeper serves).
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    writable = {n for n, m in mounts.items() if not m.get("readOnly")}
+    assert writable == {"tmp", "tls"}
+    assert all(volumes[n]["emptyDir"]["medium"] == "Memory" for n in writable)
 
 
 def test_manifests_deployment_settings_match_its_mounts(base):
@@ -429,7 +438,8 @@ def test_manifests_deployment_settings_match_its_mounts(base):
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert env["POOLKEEPER_CERT_DIR"] == mounts["tls"]
-    assert volumes["tls"]["secret"]["secretName"] == "poolkeeper-tls"
+    assert "emptyDir" in volumes["tls"]  # poolkeeper writes the pair it serves there
+    assert env["POOLKEEPER_MANAGE_CERTS"] == "true"
     assert env["POOLKEEPER_RULES_DIR"] == mounts["rules"]
     assert volumes["rules"]["configMap"]["name"] == "poolkeeper-rules"
     # gunicorn's default worker count follows the node's cores, not the container's share.
@@ -437,8 +447,13 @@ def test_manifests_deployment_settings_match_its_mounts(base):
     assert env["PROMETHEUS_MULTIPROC_DIR"].startswith(mounts["tmp"] + "/")  # writable
 
 
+def named(objects: list[dict], kind: str, name: str) -> dict:
+    (obj,) = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
+    return obj
+
+
 def test_manifests_cluster_role_grants_only_what_is_used(base):
-    role = by_kind(base, "ClusterRole")
+    role = named(base, "ClusterRole", "poolkeeper")
     assert role["rules"] == [
         {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "watch"]},
         # the pool rule's node watch (unknownPools), and the drift audit's node lists
@@ -448,15 +463,15 @@ def test_manifests_cluster_role_grants_only_what_is_used(base):
         {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
         {"apiGroups": ["apps"], "resources": ["replicasets", "daemonsets"], "verbs": ["list"]}]
     subjects = [{"kind": "ServiceAccount", "name": "poolkeeper", "namespace": "poolkeeper-system"}]
-    binding = by_kind(base, "ClusterRoleBinding")
+    binding = named(base, "ClusterRoleBinding", "poolkeeper")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["subjects"] == subjects
     # Leases (the audit election, the replica records) only in poolkeeper's own namespace
-    leases = by_kind(base, "Role")
+    leases = named(base, "Role", "poolkeeper-leases")
     assert leases["metadata"]["namespace"] == "poolkeeper-system"
     assert leases["rules"] == [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
                                 "verbs": ["get", "list", "create", "update", "delete"]}]
-    role_binding = by_kind(base, "RoleBinding")
+    role_binding = named(base, "RoleBinding", "poolkeeper-leases")
     assert role_binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
                                        "name": leases["metadata"]["name"]}
     assert role_binding["subjects"] == subjects
@@ -467,6 +482,95 @@ def test_manifests_cluster_role_grants_only_what_is_used(base):
     assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
     assert by_kind(base, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == \
         "poolkeeper"
+
+
+def test_manifests_certificate_rbac_names_exactly_the_objects_poolkeeper_manages(base):
+    # By resourceNames, what the Deployment's settings name; create (which cannot be restricted
+    # by name) only for secrets in poolkeeper's namespace. list and watch are restricted by name
+    # too: app/certmanager.py sends them with a fieldSelector on metadata.name.
+    env = {e["name"]: e.get("value") for e in
+           by_kind(base, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]}
+    namespace, secret = env["POOLKEEPER_CERT_SECRET"].split("/")
+    role = named(base, "Role", "poolkeeper-certs")
+    assert role["metadata"]["namespace"] == namespace == "poolkeeper-system"
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [secret],
+         "verbs": ["get", "list", "watch", "update"]},
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]}]
+    cluster_role = named(base, "ClusterRole", "poolkeeper-certs")
+    assert cluster_role["rules"] == [
+        {"apiGroups": ["admissionregistration.k8s.io"],
+         "resources": ["mutatingwebhookconfigurations"],
+         "resourceNames": [env["POOLKEEPER_WEBHOOK_CONFIGURATION"]],
+         "verbs": ["get", "list", "watch", "patch"]}]
+    assert env["POOLKEEPER_WEBHOOK_CONFIGURATION"] == \
+        by_kind(base, "MutatingWebhookConfiguration")["metadata"]["name"]
+    assert env["POOLKEEPER_SERVICE"] == by_kind(base, "Service")["metadata"]["name"]
+    subject = [{"kind": "ServiceAccount", "name": "poolkeeper", "namespace": "poolkeeper-system"}]
+    for kind, role_kind in (("RoleBinding", "Role"), ("ClusterRoleBinding", "ClusterRole")):
+        binding = named(base, kind, "poolkeeper-certs")
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io",
+                                      "kind": role_kind, "name": "poolkeeper-certs"}
+        assert binding["subjects"] == subject
+    source = (ROOT / "app/certmanager.py").read_text()
+    assert source.count('"fieldSelector": f"metadata.name={name}"') == 2  # list and watch
+
+
+def test_manifests_no_kustomization_owns_the_cabundle():
+    # kubectl apply -k (client- or server-side) and GitOps tools then never remove it.
+    for directory in ("deploy", *(f"deploy/overlays/{o}" for o in OVERLAYS)):
+        objects = render(ROOT / directory) if kubectl() else listed_files(ROOT / directory)
+        for obj in objects:
+            for webhook in obj.get("webhooks", []):
+                assert "caBundle" not in webhook["clientConfig"], (directory, webhook["name"])
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", ["external-certs", "cert-manager"])
+def test_manifests_external_certificates_mount_the_secret_and_drop_the_certificate_rbac(overlay):
+    objects = render(DEPLOY / "overlays" / overlay)
+    pod = by_kind(objects, "Deployment")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["POOLKEEPER_MANAGE_CERTS"] == "false"
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "tls"]
+    assert volume == {"name": "tls", "secret": {"secretName": "poolkeeper-tls",
+                                                "defaultMode": 0o440}}
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "tls"]
+    assert mount["readOnly"] is True and mount["mountPath"] == env["POOLKEEPER_CERT_DIR"]
+    assert not [o for o in objects if o["metadata"]["name"] == "poolkeeper-certs"]
+    assert manages_certificates(objects) is False
+    assert manages_certificates(render(DEPLOY)) is True
+
+
+def test_manifests_network_policy_admits_the_webhook_from_anywhere_metrics_from_monitoring(base):
+    policy = by_kind(base, "NetworkPolicy")
+    pod = by_kind(base, "Deployment")["spec"]["template"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= \
+        pod["metadata"]["labels"].items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    webhook, metrics = policy["spec"]["ingress"]
+    assert "from" not in webhook  # the API server's address differs per provider
+    assert webhook["ports"] == [{"port": "https", "protocol": "TCP"}]
+    assert metrics["from"] == [{"namespaceSelector": {"matchLabels": {
+        "kubernetes.io/metadata.name": "monitoring"}}}]
+    assert metrics["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    names = {p["name"] for p in pod["spec"]["containers"][0]["ports"]}
+    assert {"https", "metrics"} == names  # the named ports the policy refers to
+
+
+@needs_kubectl
+def test_manifests_readme_patch_moves_the_metrics_namespace(tmp_path):
+    # The kustomize patch README "Deploying to a cluster" shows for another monitoring namespace.
+    readme = (ROOT / "README.md").read_text()
+    snippet = re.search(r"```yaml\n(# tmp/kustomization.yaml\n.*?)```", readme, re.S).group(1)
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(  # kustomize takes relative paths only
+        snippet.replace("../deploy", os.path.relpath(DEPLOY, overlay)))
+    policy = by_kind(render(overlay), "NetworkPolicy")
+    assert policy["spec"]["ingress"][1]["from"][0]["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "prometheus"}
 
 
 def test_manifests_admission_policy_matches_the_placement_webhook_and_rule(base, webhooks):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import time
 
 import pytest
@@ -46,8 +48,7 @@ def fresh_post(server, doc, path="/mutate"):
 
 
 def scrape(server) -> dict[str, float]:
-    response = requests.get(server.url + "/metrics", verify=server.ca, timeout=10,
-                            headers={"Connection": "close"})
+    response = requests.get(server.metrics_url, timeout=10, headers={"Connection": "close"})
     assert response.status_code == 200
     assert response.headers["Content-Type"].startswith("text/plain")
     return parse(response.text)
@@ -80,6 +81,35 @@ def test_metrics_count_requests_of_every_worker_whichever_worker_is_scraped(serv
                    'rule="agentpool-node-selector"}'] == served
     assert samples['poolkeeper_namespace_cache_lookups_total{result="hit"}'] >= served
     assert samples["poolkeeper_namespace_cache_size"] == count_namespaces()
+
+
+def test_metrics_port_is_plain_http_serves_only_metrics_and_survives_a_worker(server):
+    # GET /metrics left the webhook port: there every client may connect (the API server's
+    # address differs per provider), here a NetworkPolicy admits only the monitoring namespace.
+    moved = requests.get(server.url + "/metrics", verify=server.ca, timeout=10)
+    assert moved.status_code == 404
+    other = requests.get(server.metrics_url.replace("/metrics", "/mutate"), timeout=10)
+    assert other.status_code == 404 and b"only GET /metrics" in other.content
+    # The scrape-time values come from the worker that answers: its rule set's digest too.
+    from app.rules import SHIPPED_RULES, load_rule_set
+
+    digest = load_rule_set(SHIPPED_RULES).digest
+    assert scrape(server)[f'poolkeeper_rules_info{{digest="{digest}"}}'] == 1
+    # Every worker accepts on the port (a socket the master bound): one worker gone, the others
+    # answer, and gunicorn's replacement serves it too.
+    victim = min(server.worker_pids())
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while victim in server.worker_pids():  # a connection it accepted while dying would be lost
+        assert time.monotonic() < deadline, "the killed worker is still there"
+        time.sleep(0.05)
+    for _ in range(10):
+        assert any(k.startswith("poolkeeper_build_info{") for k in scrape(server))
+    while len(server.worker_pids()) < 3:
+        assert time.monotonic() < deadline, "gunicorn did not replace the killed worker"
+        time.sleep(0.1)
+    for _ in range(10):
+        assert any(k.startswith("poolkeeper_build_info{") for k in scrape(server))
 
 
 def test_metrics_rule_actions_on_a_namespace_name_that_namespace_when_it_is_known(server):

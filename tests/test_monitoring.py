@@ -122,11 +122,19 @@ def test_monitoring_dashboard_panels_use_exported_metrics():
         assert needed in joined
 
 
-def test_monitoring_servicemonitor_scrapes_the_https_port():
+def test_monitoring_servicemonitor_scrapes_the_metrics_port_over_plain_http():
     monitor = yaml.safe_load((MONITORING / "servicemonitor.yaml").read_text())
     (endpoint,) = monitor["spec"]["endpoints"]
-    assert endpoint["path"] == "/metrics" and endpoint["scheme"] == "https"
-    assert endpoint["tlsConfig"]["serverName"] == "poolkeeper.poolkeeper-system.svc"
+    assert endpoint["path"] == "/metrics" and endpoint["scheme"] == "http"
+    assert "tlsConfig" not in endpoint
+    service = yaml.safe_load((ROOT / "deploy/base/service.yaml").read_text())
+    (port,) = [p for p in service["spec"]["ports"] if p["name"] == endpoint["port"]]
+    assert port["targetPort"] == "metrics"
+    deployment = yaml.safe_load((ROOT / "deploy/base/deployment.yaml").read_text())
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert {"name": "metrics", "containerPort": int(env["POOLKEEPER_METRICS_PORT"]),
+            "protocol": "TCP"} in container["ports"]
 
 
 def test_monitoring_down_alert_reads_the_job_the_servicemonitor_scrapes():
@@ -237,7 +245,7 @@ def fresh_samples(tmp_path_factory) -> list:
                           "--namespaces", str(TESTDATA / "namespaces.yaml"))
     try:
         server.wait_for_workers(2)
-        response = requests.get(server.url + "/metrics", verify=server.ca, timeout=10)
+        response = requests.get(server.metrics_url, timeout=10)
         assert response.status_code == 200
     finally:
         server.stop()

@@ -175,11 +175,13 @@ def test_webhook_other_paths_and_methods_list_the_endpoints(client):
     assert client.get("/mutate").status_code == 405
 
 
-def test_webhook_metrics_and_health(client):
+def test_webhook_health_here_and_metrics_on_their_own_port(client):
     assert client.get("/healthz").data == b"ok\n"
     assert client.get("/readyz").status_code == 200
+    # GET /metrics is served on the metrics port only (tests/test_metrics.py), which a
+    # NetworkPolicy can open to Prometheus alone; the webhook port is open to every client.
     scrape = client.get("/metrics")
-    assert scrape.status_code == 200 and b"poolkeeper_build_info" in scrape.data
+    assert scrape.status_code == 404 and "GET /metrics" not in scrape.get_json()["endpoints"]
 
 
 def test_webhook_log_line_annotations_and_metrics_agree_on_what_each_rule_did(tmp_path, caplog):
@@ -214,9 +216,9 @@ def test_webhook_log_line_annotations_and_metrics_agree_on_what_each_rule_did(tm
     assert count("warned") - before["warned"] == 1 and count("mutated") == before["mutated"]
 
 
-def test_webhook_readyz_and_metrics_name_the_rules_digest(client):
+def test_webhook_readyz_names_the_rules_digest(client):
+    # (and the metrics port's poolkeeper_rules_info: tests/test_metrics.py)
     from app.rules import load_rule_set
 
     digest = load_rule_set(SHIPPED_RULES).digest
     assert client.get("/readyz").data == f"ok\nrules {digest}\n".encode()
-    assert f'poolkeeper_rules_info{{digest="{digest}"}} 1.0'.encode() in client.get("/metrics").data

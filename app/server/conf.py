@@ -15,6 +15,7 @@ from app.certs import cert_paths
 from app.config import ConfigError, load_settings
 from app.logs import configure_logging
 from app.rules import SHIPPED_RULES, load_rules
+from app.server import sidecar
 from app.server.logger import JSONGunicornLogger
 from app.server.tls import SSLContextHook
 
@@ -91,10 +92,19 @@ loglevel = _settings.log_level
 logger_class = JSONGunicornLogger
 
 
+def on_starting(server: Any) -> None:
+    # In the master before gunicorn binds (it refuses TLS without tls.crt) and forks: with
+    # --manage-certs a pair from the Secret, and the metrics port's socket (app/server/sidecar.py).
+    sidecar.prepare(_settings)
+
+
 def post_worker_init(worker: Any) -> None:
     # The app was built (load_wsgi) without starting anything; its threads (namespace watch,
     # event sender) start here, in the worker process, after the fork.
     worker.wsgi.extensions["poolkeeper"].start()
+    # GET /metrics on the metrics port; with --manage-certs the certificate manager, in one
+    # worker at a time (app/server/sidecar.py).
+    sidecar.start_in_worker(_settings, worker.wsgi.extensions["poolkeeper"])
 
 
 def worker_exit(server: Any, worker: Any) -> None:
