@@ -51,8 +51,9 @@ from .rules import (
     Requirement,
     Rule,
 )
+from .rules.loader import ELSEWHERE
 from .rules.params import LABEL_VALUE_RE
-from .rules.pool import PINNED_TEMPLATES
+from .rules.pool import PINNED_TEMPLATES, _identity, describe_toleration
 from .text import ECHO_LIMIT
 
 API_VERSION = "admissionregistration.k8s.io/v1"
@@ -88,6 +89,7 @@ class LeftOut:
     rule: str
     what: str
     warnings: tuple[str, ...] = ()  # when warnings are left out: how they start (after "[rule] ")
+    denials: tuple[str, ...] = ()  # when denials are left out: text they hold
 
     def __str__(self) -> str:
         return f"{self.rule}: {self.what}"
@@ -217,6 +219,8 @@ class _Parts:
     audit: list[tuple[str, str]] = field(default_factory=list)  # auditAnnotations
     # what cannot be expressed, and how the warnings it is start (after "[rule] ")
     left_out: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
+    # texts in the denials left out (for the equivalence tier to tell them)
+    denied_left_out: list[tuple[str, ...]] = field(default_factory=list)
 
 
 def _json_patch(expression: str) -> dict:
@@ -231,13 +235,34 @@ def _path(root: str, path: Path) -> str:
     return root + "".join(f".{token}" for token in path)
 
 
+def _switch(subject: str, cases: Mapping[str, str], default: str) -> str:
+    """CEL choosing among ``cases`` (value of ``subject`` -> CEL), else ``default``."""
+    expression = default
+    for value, result in reversed(list(cases.items())):
+        expression = f"{subject} == {lit(value)} ? {result} : {expression}"
+    return f"({expression})" if cases else expression
+
+
+def _key_field(key: str) -> str:
+    """How app.patching.describe writes one more path token (a nodeSelector key)."""
+    return f".{key}" if key.replace("-", "").replace("_", "").isalnum() else f'["{key}"]'
+
+
+def _toleration(toleration: Mapping[str, Any]) -> str:
+    # every value dyn: tolerationSeconds is a number, the rest strings, in one list literal
+    return "{" + ", ".join(f"{lit(k)}: dyn({lit(v) if isinstance(v, str) else v})"
+                           for k, v in toleration.items()) + "}"
+
+
 def _pool(rule: Rule, kinds: Sequence[str], root: str) -> _Parts:
     policy = rule.policy
     assert isinstance(policy, PoolPlacement)
+    if list(kinds) == ["Namespace"]:
+        return _pool_namespaces(rule, policy)
     spec_paths: dict[str, Path] = {}
     for kind in kinds:
         spec_path = OBJECT_KINDS[kind].pod_spec
-        assert spec_path is not None  # PoolPlacement's kinds all have a pod spec
+        assert spec_path is not None  # PoolPlacement's other kinds all have a pod spec
         spec_paths[kind] = spec_path
 
     def per_kind(value: Callable[[str, Path], str]) -> str:
@@ -246,10 +271,23 @@ def _pool(rule: Rule, kinds: Sequence[str], root: str) -> _Parts:
     key, ns_key = policy.node_label_key, policy.namespace_label_key
     what = E("variables.what")
     pool, value, where = E("variables.pool"), E("variables.value"), E("variables.where")
+    chosen = E("variables.chosen")
     namespace = E("request.namespace")
     terms = ("affinity", "nodeAffinity", "requiredDuringSchedulingIgnoredDuringExecution",
              "nodeSelectorTerms")
     optional_terms = "".join(f".?{t}" for t in terms)
+    # Per pool of params.pools: its node labels ([key, value, how describe() writes the key])
+    # and its tolerations (the object, its identity as app.rules.pool._identity reads it, and
+    # describe_toleration's text), chosen by the pool the pod gets.
+    labels_of = {name: "[" + ", ".join(f"[{lit(k)}, {lit(v)}, {lit(_key_field(k))}]"
+                                       for k, v in spec.node_labels.items()) + "]"
+                 for name, spec in policy.pools.items() if spec.node_labels}
+    tolerations_of = {name: spec.tolerations for name, spec in policy.pools.items()
+                      if spec.tolerations}
+    selector_keys = list(dict.fromkeys(
+        [key, *(k for spec in policy.pools.values() for k in spec.node_labels)]))
+    most_labels = max((len(spec.node_labels) for spec in policy.pools.values()), default=0)
+    annotation = policy.allowed_pools_annotation
     parts = _Parts()
     parts.variables = [
         ("isPod", "request.kind.kind == 'Pod'"),
@@ -260,17 +298,39 @@ def _pool(rule: Rule, kinds: Sequence[str], root: str) -> _Parts:
         ("spec", per_kind(lambda _, p: _path("object", p))),
         ("oldSpec", per_kind(lambda _, p: _path("oldObject", p))),
         ("what", per_kind(lambda k, _: lit("pod" if k == "Pod" else f"{k} pod template"))),
-        ("nsPool", f"namespaceObject.metadata.?labels.orValue({{}})[?{lit(ns_key)}]"
-                   ".orValue('')"),
-        ("nsLabelled", f"{lit(ns_key)} in namespaceObject.metadata.?labels.orValue({{}})"),
-        # A label present but empty opts the namespace out, even with a defaultPool, as in the
-        # webhook (PodNodeSelector's semantics); no label at all gets the default pool.
-        ("pool", f"variables.nsLabelled ? variables.nsPool : {lit(policy.default_pool or '')}"),
+        ("nsLabels", "namespaceObject.metadata.?labels.orValue({})"),
+        ("nsPool", f"variables.nsLabels[?{lit(ns_key)}].orValue('')"),
+        # PoolPlacement.pool_of: the label, else the defaultPool; an empty label opts out
+        ("pool", f"{lit(ns_key)} in variables.nsLabels ? variables.nsPool : "
+                 f"{lit(policy.default_pool or '')}"),
+        # PoolPlacement.allowed_pools: the pool, then those the annotation names (once each)
+        ("extraPools", "[]" if annotation is None else
+         f"namespaceObject.metadata.?annotations.orValue({{}})[?{lit(annotation)}].orValue('')"
+         ".split(',').map(p, p.trim())"),
+        ("allowed", "[variables.pool] + variables.extraPools.transformList(i, p, p != '' && "
+                    f"{_is_label_value('p')} && p != variables.pool && "
+                    "variables.extraPools.indexOf(p) == i, p)"),
         ("selector", "variables.spec.?nodeSelector.orValue({})"),
         ("oldSelector", "variables.update ? variables.oldSpec.?nodeSelector.orValue({}) : {}"),
         ("hasKey", f"{lit(key)} in variables.selector"),
         ("value", f"variables.selector[?{lit(key)}].orValue('')"),
         ("sameKey", f"variables.selector[?{lit(key)}] == variables.oldSelector[?{lit(key)}]"),
+        # the pool the pod gets: the one it asks for when its namespace allows it
+        ("chosen", "variables.hasKey && variables.value in variables.allowed ? variables.value "
+                   ": variables.pool"),
+        ("poolLabels", _switch("variables.chosen", labels_of, "[]")),
+        ("nodeLabels", f"[[{lit(key)}, variables.chosen, {lit(_key_field(key))}]] + "
+                       "variables.poolLabels"),
+        ("wantedLabels", "variables.nodeLabels.map(l, l[0] + '=' + l[1]).join(', ')"),
+        ("poolTolerations", _switch("variables.chosen", {
+            n: f"dyn([{', '.join(_toleration(t) for t in ts)}])"
+            for n, ts in tolerations_of.items()}, "dyn([])")),
+        ("poolTolerationIds", _switch("variables.chosen", {
+            n: "[" + ", ".join(lits(_identity(t, ())) for t in ts) + "]"
+            for n, ts in tolerations_of.items()}, "[]")),
+        ("poolTolerationTexts", _switch("variables.chosen", {
+            n: lits(describe_toleration(t) for t in ts) for n, ts in tolerations_of.items()},
+            "[]")),
         ("gated", "variables.podUpdate && "
                   "variables.oldSpec.?schedulingGates.orValue([]).size() > 0"),
         ("terms", f"variables.spec{optional_terms}.orValue([])"),
@@ -278,28 +338,44 @@ def _pool(rule: Rule, kinds: Sequence[str], root: str) -> _Parts:
         ("nodeName", "variables.spec.?nodeName.orValue('')"),
         ("samePlacement", "variables.terms == variables.oldTerms && variables.nodeName == "
                           "variables.oldSpec.?nodeName.orValue('')"),
-        # UPDATE: only a change of placement is judged, except of pinned templates and of gated
-        # pods (the only pods whose placement may still change)
-        ("judged", "!(variables.update && !variables.pinned && !variables.gated && "
-                   "variables.sameKey && (variables.isPod || variables.samePlacement))"),
+        # UPDATE: only a change of placement (the keys the rule sets, affinity, nodeName) is
+        # judged, except of pinned templates and of gated pods (whose placement may still change)
+        ("judged", f"!(variables.update && !variables.pinned && !variables.gated && "
+                   f"{lits(selector_keys)}.all(k, variables.selector[?k] == "
+                   "variables.oldSelector[?k]) && (variables.isPod || variables.samePlacement))"),
         ("applies", "variables.pool != '' && variables.judged"),
         ("where", "variables.nsPool != '' ? " + cat(
             'namespace "', namespace, '" is pinned to node pool "', pool,
             f'" (namespace label {ns_key}=', pool, ")") + " : " + cat(
             'namespace "', namespace, f'" has no {ns_key} label and gets the default node pool "',
             pool, '"')),
-        ("keyField", per_kind(lambda _, p: lit(describe((*p, "nodeSelector", key))))),
+        ("selectorField", per_kind(lambda _, p: lit(describe((*p, "nodeSelector"))))),
         ("quotedValue", _quoted("variables.value")),
         ("elsewhere", f"{_is_label_value('variables.value')} ? " + cat(
             "to run on pool ", E("variables.quotedValue"),
             f", use a namespace labelled {ns_key}=", value) + " : " + cat(
             E("variables.quotedValue"), " is not a node pool name (a label value)")),
+        # PoolPlacement._naming: the pools the annotation allows, five at most
+        ("naming", "variables.allowed.size() < 2 ? '' : ' or to one of ' + "
+                   "variables.allowed.transformList(i, p, i >= 1 && i <= 5, '\"' + p + '\"')"
+                   ".join(', ') + (variables.allowed.size() > 6 ? ', ...' : '') + "
+                   + lit(f" (the pools its annotation {annotation} allows)")),
         # a pod UPDATE judges only a key that changes: one set before pooling stays
-        ("otherPool", "variables.applies && variables.hasKey && variables.value != variables.pool"
-                      " && !(variables.podUpdate && variables.sameKey) ? " +
-                      cat(what, " ", E("variables.keyField"), " is ", E("variables.quotedValue"),
-                          ", but ", where, ". Remove that nodeSelector key (poolkeeper sets it) "
-                          'or set it to "', pool, '"; ', E("variables.elsewhere")) + " : ''"),
+        ("otherPool", "variables.applies && variables.hasKey && variables.value != "
+                      "variables.chosen && !(variables.podUpdate && variables.sameKey) ? " +
+                      cat(what, " ", E("variables.selectorField"), _key_field(key), " is ",
+                          E("variables.quotedValue"), ", but ", where, ". Remove that "
+                          'nodeSelector key (poolkeeper sets it) or set it to "', pool, '"',
+                          E("variables.naming"), "; ", E("variables.elsewhere")) + " : ''"),
+        ("labelDenials", "!variables.applies ? [] : variables.poolLabels.filter(l, l[0] in "
+                         "variables.selector && variables.selector[l[0]] != l[1] && "
+                         "!(variables.podUpdate && variables.selector[?l[0]] == "
+                         "variables.oldSelector[?l[0]])).map(l, " + cat(
+                             what, " ", E("variables.selectorField"), E("l[2]"), " is ",
+                             E(_quoted("variables.selector[l[0]]")), ', but the nodes of pool "',
+                             chosen, '" carry ', E("l[0]"), "=", E("l[1]"),
+                             " (this rule's pools); ", where, ". Remove that nodeSelector key "
+                             '(poolkeeper sets it) or set it to "', E("l[1]"), '"') + ")"),
         ("quotedNodeName", _quoted("variables.nodeName")),
         ("nodeNameField", per_kind(lambda _, p: lit(describe((*p, "nodeName"))))),
         ("nodeNameSet", "variables.applies && variables.nodeName != '' && !variables.podUpdate ? "
@@ -310,15 +386,26 @@ def _pool(rule: Rule, kinds: Sequence[str], root: str) -> _Parts:
         ("termsField", per_kind(lambda _, p: lit(describe((*p, *terms))))),
         ("affinity", "variables.applies && (!variables.podUpdate || variables.terms != "
                      "variables.oldTerms) && variables.terms.size() > 0 && "
-                     f"!variables.terms.exists(t, {_term_admits(key)}) ? " + cat(
+                     f"!variables.terms.exists(t, {_term_admits()}) ? " + cat(
                          what, " requires node affinity (", E("variables.termsField"),
-                         f") that no node with {key}=", pool, " can satisfy, but ", where,
-                         f", so it could never be scheduled. Allow {key}=", pool,
-                         " in at least one term, or drop the term") + " : ''"),
-        # The webhook patches only what it does not deny, and of templates only pinned ones.
-        ("mutate", "variables.applies && !variables.hasKey && (variables.isPod || "
-                   "variables.pinned) && variables.nodeNameSet == '' && variables.affinity == ''"),
+                         ") that no node with ", E("variables.wantedLabels"), " can satisfy, "
+                         "but ", where, ", so it could never be scheduled. Allow ",
+                         E("variables.wantedLabels"), " in at least one term, or drop the term")
+                     + " : ''"),
+        # The webhook patches only what it does not deny, of templates only pinned ones, and not
+        # a pod keeping a key it had before its namespace was pooled.
+        ("mutate", "variables.applies && (variables.isPod || variables.pinned) && "
+                   "!(variables.hasKey && variables.value != variables.chosen) && "
+                   "variables.labelDenials.size() == 0 && variables.nodeNameSet == '' && "
+                   "variables.affinity == ''"),
+        ("missingLabels", "variables.nodeLabels.filter(l, !(l[0] in variables.selector))"),
+        ("tolerated", "variables.spec.?tolerations.orValue([]).map(t, [t.?key.orValue(''), "
+                      "t.?operator.orValue('') == '' ? 'Equal' : t.operator, "
+                      "t.?value.orValue(''), t.?effect.orValue('')])"),
+        ("newTolerations", "variables.poolTolerationIds.transformList(i, t, "
+                           "!(t in variables.tolerated), i)"),
         ("selectorPath", per_kind(lambda _, p: lit(pointer((*p, "nodeSelector"))))),
+        ("tolerationsPath", per_kind(lambda _, p: lit(pointer((*p, "tolerations"))))),
     ]
     parts.conditions = _mirror_condition(kinds)
     if "Pod" in kinds and "UPDATE" in rule.match.operations:
@@ -329,42 +416,100 @@ def _pool(rule: Rule, kinds: Sequence[str], root: str) -> _Parts:
             "pod-update-can-change-placement",
             "request.operation != 'UPDATE' || request.kind.kind != 'Pod' || "
             "oldObject.spec.?schedulingGates.orValue([]).size() > 0"))
-    if policy.default_pool is None:  # unlabelled namespaces are left alone: skip them early
-        parts.namespace_expressions = [{"key": ns_key, "operator": "Exists"}]
-    parts.denials = ["variables.otherPool", "variables.nodeNameSet", "variables.affinity"]
+    # unpooled and opted-out namespaces are left alone: skip them early, as the webhook does
+    if policy.default_pool is None:
+        parts.namespace_expressions.append({"key": ns_key, "operator": "Exists"})
+    parts.namespace_expressions.append({"key": ns_key, "operator": "NotIn", "values": [""]})
+    parts.denials = ["variables.otherPool",
+                     *(f"variables.labelDenials.size() > {i} ? variables.labelDenials[{i}] : ''"
+                       for i in range(most_labels)),
+                     "variables.nodeNameSet", "variables.affinity"]
     if not any(k == "Pod" or k in PINNED_TEMPLATES for k in kinds):
         return parts  # templates judged, never patched: nothing to mutate or annotate
     parts.mutations = [_json_patch(
-        "!variables.mutate ? [] : variables.spec.?nodeSelector.hasValue() ? "
-        f"[JSONPatch{{op: 'add', path: variables.selectorPath + {lit('/' + escape(key))}, "
-        "value: variables.pool}] : "
-        f"[JSONPatch{{op: 'add', path: variables.selectorPath, value: {{{lit(key)}: "
-        "variables.pool}}]")]
-    parts.effects = ["variables.mutate ? " + cat(f"set nodeSelector {key}=", pool) + " : ''"]
+        "!variables.mutate ? [] : "
+        "(variables.missingLabels.size() == 0 || variables.spec.?nodeSelector.hasValue() ? [] : "
+        "[JSONPatch{op: 'add', path: variables.selectorPath, value: {}}]) + "
+        "variables.missingLabels.map(l, JSONPatch{op: 'add', path: variables.selectorPath + "
+        "'/' + jsonpatch.escapeKey(l[0]), value: l[1]}) + "
+        "(variables.newTolerations.size() == 0 || variables.spec.?tolerations.hasValue() ? [] : "
+        "[JSONPatch{op: 'add', path: variables.tolerationsPath, value: []}]) + "
+        "variables.newTolerations.map(i, JSONPatch{op: 'add', path: variables.tolerationsPath + "
+        "'/-', value: variables.poolTolerations[i]})")]
+    parts.effects = [
+        "variables.mutate && variables.missingLabels.size() > 0 ? 'set nodeSelector ' + "
+        "variables.missingLabels.map(l, l[0] + '=' + l[1]).join(', ') : ''",
+        "variables.mutate && variables.newTolerations.size() > 0 ? 'add toleration' + "
+        "(variables.newTolerations.size() > 1 ? 's ' : ' ') + variables.newTolerations.map(i, "
+        "variables.poolTolerationTexts[i]).join(', ') : ''"]
     # The webhook sends auditAnnotations only with a patch; a validating policy cannot tell a pod
-    # pinned here from one that pinned itself, so it annotates every pod that ends up in the pool.
+    # pinned here from one that pinned itself, so it annotates every pod that ends up in a pool.
     parts.audit = [("pool", "variables.applies && (variables.isPod || variables.pinned) && "
-                            "variables.hasKey && variables.value == variables.pool ? "
-                            "variables.pool : ''")]
+                            "variables.hasKey && variables.value == variables.chosen ? "
+                            "variables.chosen : ''")]
     return parts
 
 
-def _term_admits(key: str) -> str:
-    """CEL: a node labelled key=pool can satisfy nodeSelectorTerm ``t`` (pool.py _term_admits:
-    terms ORed, requirements ANDed, an empty term matches nothing, other keys assumed fine)."""
+_NO_NODES = "policies cannot list nodes"
+
+
+def _pool_namespaces(rule: Rule, policy: PoolPlacement) -> _Parts:
+    """PoolPlacement._judge_namespace: a Namespace's pool label set or changed to a pool that is
+    not listed (onlyListedPools) is warned or denied (unknownPools); the check that the pool has
+    nodes cannot be made."""
+    parts = _Parts()
+    if policy.unknown_pools == "off":
+        return parts
+    ns_key = lit(policy.namespace_label_key)
+    # As the namespaces webhook of deploy/base/webhook.yaml: an UPDATE only when it sets or
+    # changes the pool label.
+    parts.conditions = [("update-changes-the-pool-label",
+                         f"request.operation != 'UPDATE' || object.metadata.?labels.orValue({{}})"
+                         f"[?{ns_key}].orValue('') != oldObject.metadata.?labels.orValue({{}})"
+                         f"[?{ns_key}].orValue('')")]
+    denied = policy.unknown_pools == "deny"
+    starts = ("no node has", "cannot check that pool")
+    parts.left_out.append((f"the check that a namespace's pool has nodes ({_NO_NODES})",
+                           () if denied else starts))
+    if denied:
+        parts.denied_left_out.append(("no node has",))
+    if not policy.only_listed_pools:
+        return parts
+    listed = ", ".join(policy.pools)
+    parts.variables = [
+        ("pool", f"object.metadata.?labels.orValue({{}})[?{ns_key}].orValue('')"),
+        ("unlisted", f"variables.pool != '' && {_is_label_value('variables.pool')} && "
+                     f"!(variables.pool in {lits(policy.pools)}) ? " + cat(
+                         "pool ", E("variables.pool"), f" is not one of this rule's pools "
+                         f"({listed})") + " : ''"),
+    ]
+    if denied:
+        parts.denials = ["variables.unlisted == '' ? '' : " + cat(
+            'namespace "', E("object.metadata.name"), '": ', E("variables.unlisted"),
+            ". Label it with a pool that exists, or set the label empty to opt out of pools")]
+    else:
+        parts.warnings = ["variables.unlisted"]
+    return parts
+
+
+def _term_admits() -> str:
+    """CEL: a node with variables.nodeLabels (the pool key and the pool's nodeLabels) can
+    satisfy nodeSelectorTerm ``t`` (app.rules.pool._term_admits: terms ORed, requirements ANDed,
+    an empty term matches nothing, other keys assumed fine)."""
     values = "e.?values.orValue([])"
-    # Gt/Lt compare integers; a pool that is no integer never satisfies them. int64 here: a pool
+    # Gt/Lt compare integers; a value that is no integer never satisfies them. int64 here: one
     # of more than 18 digits is taken as no integer (the webhook's Python would compare it).
-    compare = ("variables.pool.matches('^[0-9]{1,18}$') && " + values + ".size() > 0 && "
+    compare = ("l[1].matches('^[0-9]{1,18}$') && " + values + ".size() > 0 && "
                "e.values[0].matches('^[+-]?[0-9]{1,18}$') && (e.operator == 'Gt' ? "
-               "int(variables.pool) > int(e.values[0]) : int(variables.pool) < int(e.values[0]))")
-    requirement = (f"e.operator == 'In' ? variables.pool in {values} : "
-                   f"e.operator == 'NotIn' ? !(variables.pool in {values}) : "
+               "int(l[1]) > int(e.values[0]) : int(l[1]) < int(e.values[0]))")
+    requirement = (f"e.operator == 'In' ? l[1] in {values} : "
+                   f"e.operator == 'NotIn' ? !(l[1] in {values}) : "
                    "e.operator == 'Exists' ? true : "
                    f"(e.operator == 'Gt' || e.operator == 'Lt') && {compare}")
     return ("(t.?matchExpressions.orValue([]).size() > 0 || "
             "t.?matchFields.orValue([]).size() > 0) && "
-            f"t.?matchExpressions.orValue([]).all(e, e.key != {lit(key)} || ({requirement}))")
+            "t.?matchExpressions.orValue([]).all(e, variables.nodeLabels.all(l, l[0] != e.key "
+            f"|| ({requirement})))")
 
 
 def _mirror_condition(kinds: Iterable[str]) -> list[tuple[str, str]]:
@@ -625,13 +770,16 @@ class _Served:
 def _served(rule: Rule) -> list[_Served]:
     operations = tuple(op for op in ("CREATE", "UPDATE") if op in rule.match.operations)
     kinds = [k for _, k in sorted(rule.match.kinds)]  # core group first, as rules/ lists them
-    if isinstance(rule.policy, PoolPlacement):  # its Namespace check: see _pool_left_out
-        kinds = [k for k in kinds if OBJECT_KINDS[k].pod_spec is not None]
-    own = tuple(k for k in kinds if k not in WORKLOADS)
+    elsewhere = ELSEWHERE.get(rule.kind_name, {})  # kinds served on another webhook
+    own = tuple(k for k in kinds if k not in WORKLOADS and k not in elsewhere)
     workloads = tuple(k for k in kinds if k in WORKLOADS)
     served = []
     if own:
         served.append(_Served("", own, operations, FAILURE_POLICIES[rule.webhook]))
+    for webhook in dict.fromkeys(elsewhere.values()):
+        moved = tuple(k for k in kinds if elsewhere.get(k) == webhook)
+        if moved:
+            served.append(_Served(f"-{webhook}", moved, operations, FAILURE_POLICIES[webhook]))
     if workloads:
         served.append(_Served("-workloads", workloads, operations, FAILURE_POLICIES["workloads"]))
     if (rule.policy.ON_TEMPLATES == "warn" and rule.template_warnings and "Pod" in kinds
@@ -788,30 +936,6 @@ def _objects(rule: Rule, parts: _Parts, served: _Served) -> list[dict]:
     return objects
 
 
-def _pool_left_out(rule: Rule) -> list[tuple[str, tuple[str, ...]]]:
-    """What the exported pool policies leave out of the pool params of issue 15 (pools a
-    namespace allows, the unknown-pools check): where that only makes them stricter or quieter,
-    a note; where it would change an answer the other way, _Unsupported."""
-    policy = rule.policy
-    if not isinstance(policy, PoolPlacement):
-        return []
-    if policy.pools:
-        raise _Unsupported("params.pools (tolerations and node labels per pool) has no in-tree "
-                           "form in this export yet")
-    notes: list[tuple[str, tuple[str, ...]]] = []
-    if policy.allowed_pools_annotation:
-        notes.append((f"the pools a namespace allows through its "
-                      f"{policy.allowed_pools_annotation} annotation: the exported policies "
-                      "deny pods choosing them (stricter than the webhook)", ()))
-    if "Namespace" in {k for _, k in rule.match.kinds} and policy.unknown_pools == "deny":
-        raise _Unsupported("params.unknownPools: deny needs the cluster's nodes, which no "
-                           "admission policy can read")
-    if "Namespace" in {k for _, k in rule.match.kinds} and policy.unknown_pools != "off":
-        notes.append(("the warning or denial for a namespace labelled with a pool no node has "
-                      "(it needs the cluster's nodes)", ("namespace ",)))
-    return notes
-
-
 def export_policies(rules: Sequence[Rule]) -> Export:
     """The in-tree policies for the enabled rules, and what of them cannot be expressed."""
     objects: list[dict] = []
@@ -828,7 +952,6 @@ def export_policies(rules: Sequence[Rule]) -> Export:
             if unknown:
                 raise _Unsupported(f"match.kinds: no API resource known for {', '.join(unknown)}")
             built = []
-            pool_left_out = _pool_left_out(rule)  # raises _Unsupported for what changes answers
             for served in _served(rule):
                 root = _by_kind({k: _path("object", template_path(OBJECT_KINDS[k].group, k)
                                                    or ()) for k in served.kinds}) \
@@ -837,12 +960,14 @@ def export_policies(rules: Sequence[Rule]) -> Export:
         except _Unsupported as exc:
             left_out.append(LeftOut(rule.name, f"the whole rule: {exc}"))
             continue
-        lost: dict[str, tuple[str, ...]] = dict(pool_left_out)
+        lost: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
         for served, parts in built:
             objects += _objects(rule, parts, served)
             if not served.templates:
-                lost.update(parts.left_out)
-        left_out += [LeftOut(rule.name, what, warnings) for what, warnings in lost.items()]
+                denied = sum(parts.denied_left_out, ())
+                lost.update((what, (warnings, denied)) for what, warnings in parts.left_out)
+        left_out += [LeftOut(rule.name, what, warnings, denials)
+                     for what, (warnings, denials) in lost.items()]
         exported.append(rule.name)
     return Export(tuple(objects), tuple(left_out), tuple(exported))
 

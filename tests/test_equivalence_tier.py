@@ -48,7 +48,8 @@ import yaml
 from app.cases import Case, discover, load_case_rule
 from app.export import Export, export_policies
 from app.namespaces.file import parse_namespaces
-from app.rules import PoolPlacement, Rule, load_rules
+from app.namespaces.source import Namespace
+from app.rules import DEFAULT_EXCLUDED_NAMESPACES, PoolPlacement, Rule, load_rules
 from integration.manifests import DEPLOY, kubectl, listed_files, render, with_ca_bundle
 
 from .apiserver import MiniApiServer, apiserver_fixture
@@ -72,6 +73,7 @@ COLLECTIONS = {  # kind -> (collection path, namespaced)
     "Job": ("/apis/batch/v1/namespaces/{ns}/jobs", True),
     "CronJob": ("/apis/batch/v1/namespaces/{ns}/cronjobs", True),
     "Namespace": ("/api/v1/namespaces", False),
+    "Node": ("/api/v1/nodes", False),
     "ConfigMap": ("/api/v1/namespaces/{ns}/configmaps", True),
     "MutatingWebhookConfiguration": (f"{ADMISSION}/mutatingwebhookconfigurations", False),
     "MutatingAdmissionPolicy": (f"{ADMISSION}/mutatingadmissionpolicies", False),
@@ -102,10 +104,12 @@ class Item:
 
     id: str
     obj: dict
-    namespaces: dict[str, dict[str, str]]  # namespace -> labels it must have
+    namespaces: dict[str, Namespace]  # namespace -> the labels and annotations it must have
     old: dict | None = None  # stored before the phases; the request is then an UPDATE
     case: Path | None = None  # a golden case's directory: its expectations are checked too
     expect: str = ""  # a scenario's: "denied", "changed" or "unchanged"
+    nodes: list[dict] = field(default_factory=list)  # Node objects the case's rules may count
+    renamed: dict[str, str] = field(default_factory=dict)  # its namespaces' names -> ours
 
 
 @dataclass
@@ -128,30 +132,47 @@ def _yaml(path: Path):
     return yaml.safe_load(path.read_text())
 
 
-# Cases of what the export leaves out on purpose (app.export._pool_left_out): a namespace's
-# allowed pools (the exported policies are stricter) and the unknown-pools check (it needs the
-# cluster's nodes). They are skipped with the reason, not compared.
-SKIPPED_CASES: list[str] = []
-
-
-def _beyond_the_export(case: Case) -> str:
-    ns_path = case.path / "namespaces.yaml"
-    namespaces = parse_namespaces(ns_path.read_text()) if ns_path.exists() else {}
-    if any(ns.annotations for ns in namespaces.values()):
-        return "uses a namespace's allowed pools, which the export leaves out (stricter)"
-    if case.rule == "agentpool-node-selector" and _yaml(case.path / "input.yaml").get(
-            "kind") == "Namespace":
-        return "the unknown-pools check, which the export leaves out (it needs the nodes)"
-    return ""
+def _separate_namespaces(items: list[Item]) -> None:
+    """Cases give one namespace different labels or annotations (team-ml is pool1 in one, gpu in
+    another), or create it, and one API server holds one of each: every further variant gets a
+    name of its own (team-ml-v1), in the item's objects and, for its expectations, in its
+    messages."""
+    variants: dict[str, list[tuple]] = {}
+    for item in items:  # a Namespace an item creates must not exist: it keeps its name
+        name = item.obj["metadata"].get("name")
+        if item.obj["kind"] == "Namespace" and item.old is None and name and \
+                name not in (*DEFAULT_EXCLUDED_NAMESPACES, "default"):
+            variants[name] = [("absent",)]
+    for item in items:
+        for name, namespace in list(item.namespaces.items()):
+            seen = variants.setdefault(name, [])
+            state = (sorted((k, v) for k, v in namespace.labels.items()
+                            if k != "kubernetes.io/metadata.name"),
+                     sorted(namespace.annotations.items()))
+            if state not in seen:
+                seen.append(state)
+            number = seen.index(state)
+            if number == 0:
+                continue
+            assert name not in DEFAULT_EXCLUDED_NAMESPACES, f"{item.id}: {name} cannot be renamed"
+            new = f"{name}-v{number}"
+            item.namespaces[new] = item.namespaces.pop(name)
+            item.renamed[name] = new
+            for obj in (item.obj, item.old):
+                if obj is not None and obj["metadata"].get("namespace") == name:
+                    obj["metadata"]["namespace"] = new
 
 
 def _case_item(case: Case) -> Item:
     ns_path = case.path / "namespaces.yaml"
-    namespaces = {name: dict(ns.labels) for name, ns in
-                  (parse_namespaces(ns_path.read_text()).items() if ns_path.exists() else ())}
-    old_path = case.path / "old.yaml"
+    namespaces = parse_namespaces(ns_path.read_text()) if ns_path.exists() else {}
+    old_path, nodes_path = case.path / "old.yaml", case.path / "nodes.yaml"
+    nodes = [n for n in yaml.safe_load_all(nodes_path.read_text()) if n] \
+        if nodes_path.exists() else []
+    nodes = [item for n in nodes for item in (n.get("items") or [] if n.get("kind") == "List"
+                                              else [n])]
     return Item(case.id, _yaml(case.path / "input.yaml"), namespaces,
-                _yaml(old_path) if old_path.exists() else None, case.path)
+                _yaml(old_path) if old_path.exists() else None, case.path, nodes=nodes)
 
 
 def _pod(name: str, namespace: str, *, labels: dict | None = None,
@@ -183,8 +204,8 @@ def _daemonset(name: str, namespace: str, selector: dict | None = None) -> dict:
                      "template": {"metadata": {"labels": {"app": name}}, "spec": spec}}}
 
 
-POOL1 = {"eq-pool1": {"agentpool": "pool1"}}
-PLAIN = {"eq-plain": {}}
+POOL1 = {"eq-pool1": Namespace({"agentpool": "pool1"})}
+PLAIN = {"eq-plain": Namespace({})}
 # tests/test_apiserver_tier.py's scenarios that need no scheduler, controller or outage, with
 # the shipped rule set.
 SCENARIOS = [
@@ -205,7 +226,7 @@ SCENARIOS = [
          _pod("bound", "eq-pool1", node_name="node-" + "7" * 80), POOL1, expect="denied"),
     Item("scenario/kube-system-pod-is-left-alone",
          _pod("dns", "kube-system", labels={"platform": "true"}, limits={"cpu": "1"}),
-         {"kube-system": {"agentpool": "system"}}, expect="unchanged"),
+         {"kube-system": Namespace({"agentpool": "system"})}, expect="unchanged"),
     Item("scenario/unlabelled-namespace-pod-only-loses-cpu-limits",
          _pod("web", "eq-plain", limits={"cpu": "1"}), PLAIN, expect="changed"),
     Item("scenario/new-namespace-gets-type-and-systemid",
@@ -252,20 +273,22 @@ def collect_groups(tmp: Path) -> list[Group]:
             text, where = shipped[case.rule], f"rules/{case.rule}.yaml"
         # Cases with the same rule file share a group: the first one names it.
         group = groups.setdefault(text, Group(where, {f"{case.rule}.yaml": text}))
-        if _beyond_the_export(case):
-            SKIPPED_CASES.append(f"{case.id}: {_beyond_the_export(case)}")
-            continue
         group.items.append(_case_item(case))
     scenarios = Group("the shipped rule set", {f"{n}.yaml": t for n, t in shipped.items()},
                       list(SCENARIOS))
     result = sorted(groups.values(), key=lambda g: g.name) + [scenarios]
+    _separate_namespaces([item for group in result for item in group.items])
     # Each UPDATE item stores its old object: under a name of its own (cases reuse names, and no
     # rule reads a pod's or a controller's name).
     updates = [item for group in result for item in group.items if item.old is not None]
     for number, item in enumerate(updates):
         for obj in (item.obj, item.old):
-            assert obj is not None and obj["kind"] != "Namespace", item.id
-            obj["metadata"]["name"] = f"{obj['metadata']['name']}-u{number}"
+            assert obj is not None, item.id
+            name = obj["metadata"]["name"]
+            obj["metadata"]["name"] = f"{name}-u{number}"
+            labels = obj["metadata"].get("labels") or {}
+            if labels.get("kubernetes.io/metadata.name") == name:  # a Namespace's own
+                labels["kubernetes.io/metadata.name"] = obj["metadata"]["name"]
     for index, group in enumerate(result):
         group.directory = tmp / f"rules-{index}"
         group.directory.mkdir()
@@ -562,13 +585,19 @@ class Engines:
         rule: its namespaceLabelKey selects the namespaces, and with a defaultPool every one."""
         mwc = copy.deepcopy(self.deploy_mwc)
         pools = [r.policy for r in group.rules if isinstance(r.policy, PoolPlacement)]
-        (placement,) = [w for w in mwc["webhooks"] if w["name"] == "placement.poolkeeper.io"]
-        expressions = placement["namespaceSelector"]["matchExpressions"]
-        pooled = {"key": "agentpool", "operator": "Exists"}
+        webhooks = {w["name"]: w for w in mwc["webhooks"]}
         for policy in pools:
-            expressions.remove(pooled)
-            if policy.default_pool is None:
-                expressions.insert(0, {"key": policy.namespace_label_key, "operator": "Exists"})
+            key = policy.namespace_label_key
+            expressions = webhooks["placement.poolkeeper.io"]["namespaceSelector"][
+                "matchExpressions"]
+            for expression in list(expressions):
+                if expression["key"] == "agentpool":
+                    expression["key"] = key
+                    if expression["operator"] == "Exists" and policy.default_pool is not None:
+                        expressions.remove(expression)
+            for condition in webhooks["namespaces.poolkeeper.io"].get("matchConditions", []):
+                condition["expression"] = condition["expression"].replace(
+                    "'agentpool'", repr(key))
         return [mwc]
 
     @property
@@ -602,26 +631,41 @@ def engines(equivalence_apiserver: MiniApiServer, tmp_path_factory) -> Iterator[
 
 
 def _ensure_namespaces(api: Api, groups: list[Group]) -> dict[str, dict]:
-    """Every namespace the items need, with the labels they name (created once; kube-system
-    relabelled); returns the labels kube-system had, to restore."""
-    wanted: dict[str, dict[str, str]] = {}
+    """Every namespace the items need, with the labels and annotations they name (created once;
+    kube-system relabelled); returns the metadata kube-system had, to restore."""
+    wanted: dict[str, dict] = {}
     for group in groups:
         for item in group.items:
-            for name, labels in item.namespaces.items():
-                labels = {k: v for k, v in labels.items() if k != "kubernetes.io/metadata.name"}
-                assert wanted.setdefault(name, labels) == labels, (
-                    f"{item.id}: namespace {name} needs labels {labels}, another item "
+            for name, namespace in item.namespaces.items():
+                metadata = {"labels": {k: v for k, v in namespace.labels.items()
+                                       if k != "kubernetes.io/metadata.name"},
+                            "annotations": dict(namespace.annotations)}
+                assert wanted.setdefault(name, metadata) == metadata, (
+                    f"{item.id}: namespace {name} needs {metadata}, another item "
                     f"{wanted[name]}: one API server cannot hold both")
     restore = {}
-    for name, labels in wanted.items():
+    for name, metadata in wanted.items():
         ns = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
         stored = api.get(ns)
         if stored is None:
-            api.create({**ns, "metadata": {"name": name, "labels": labels}})
+            api.create({**ns, "metadata": {"name": name, **metadata}})
         else:
-            restore[name] = stored["metadata"].get("labels", {})
-            api.merge(ns, {"metadata": {"labels": labels}})
+            restore[name] = {k: stored["metadata"].get(k, {}) for k in ("labels", "annotations")}
+            api.merge(ns, {"metadata": metadata})
     return restore
+
+
+def _create_nodes(api: Api, groups: list[Group]) -> None:
+    """The Node objects of the cases' nodes.yaml (one set: a node is the same in every case), so
+    poolkeeper's node watch counts the pools they carry."""
+    nodes: dict[str, dict] = {}
+    for group in groups:
+        for item in group.items:
+            for node in item.nodes:
+                name = node["metadata"]["name"]
+                assert nodes.setdefault(name, node) == node, f"{item.id}: node {name} differs"
+    for node in nodes.values():
+        api.create(node)
 
 
 def _store_old_objects(api: Api, groups: list[Group]) -> None:
@@ -649,9 +693,12 @@ def _difference(item: Item, group: Group, webhook: Answer, policies: Answer) -> 
     return text
 
 
-def _lines(path: Path) -> list[str]:
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()] \
+def _lines(path: Path, renamed: dict[str, str] | None = None) -> list[str]:
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()] \
         if path.exists() else []
+    for old, new in (renamed or {}).items():
+        lines = [line.replace(f'"{old}"', f'"{new}"') for line in lines]
+    return lines
 
 
 def _unmet(item: Item, answer: Answer, baseline: Answer) -> list[str]:
@@ -665,7 +712,7 @@ def _unmet(item: Item, answer: Answer, baseline: Answer) -> list[str]:
         outcome = ("denied" if answer.obj is None else
                    "changed" if answer.obj != baseline.obj else "unchanged")
         return [] if outcome == item.expect else [f"{outcome}, expected {item.expect}"]
-    denied = _lines(item.case / "denied.txt")
+    denied = _lines(item.case / "denied.txt", item.renamed)
     if denied:
         if answer.obj is not None:
             return ["expected a denial"]
@@ -677,7 +724,8 @@ def _unmet(item: Item, answer: Answer, baseline: Answer) -> list[str]:
     if changed != (item.case / "expected.yaml").exists():
         problems.append("changed, expected.yaml says no change" if changed else
                         "unchanged, expected.yaml says changed")
-    problems += [f"no warning contains {line!r}" for line in _lines(item.case / "warnings.txt")
+    problems += [f"no warning contains {line!r}" for line in
+                 _lines(item.case / "warnings.txt", item.renamed)
                  if not any(line in w for w in answer.warnings)]
     return problems
 
@@ -685,8 +733,9 @@ def _unmet(item: Item, answer: Answer, baseline: Answer) -> list[str]:
 def test_equivalence_webhook_and_exported_policies_answer_alike(engines: Engines, capsys,
                                                                 tmp_path: Path):
     groups = collect_groups(tmp_path)
-    skipped: list[str] = list(SKIPPED_CASES)
+    skipped: list[str] = []
     ignored: dict[str, tuple[str, ...]] = {}  # group -> starts of warnings left out
+    refused: dict[str, tuple[str, ...]] = {}  # group -> texts of denials left out
     runnable = []
     for group in groups:
         assert group.export is not None
@@ -694,11 +743,11 @@ def test_equivalence_webhook_and_exported_policies_answer_alike(engines: Engines
         if whole:
             skipped += [f"{item.id}: {'; '.join(whole)}" for item in group.items]
             continue
-        parts = [i for i in group.export.left_out if not i.warnings
-                 and not i.what.startswith("the pools a namespace allows")]
+        parts = [i for i in group.export.left_out if not (i.warnings or i.denials)]
         assert not parts, f"{group.name}: the tier cannot compare without {parts}"
         ignored[group.name] = tuple(f"[{i.rule}] {w}" for i in group.export.left_out
                                     for w in i.warnings)
+        refused[group.name] = tuple(d for i in group.export.left_out for d in i.denials)
         runnable.append(group)
     # Namespace items first, before the namespaces the others need exist (a case may create a
     # namespace another case's pod lives in); then, with nothing in force, the namespaces and the
@@ -711,6 +760,7 @@ def test_equivalence_webhook_and_exported_policies_answer_alike(engines: Engines
     not_compared: dict[str, list[str]] = {}  # warning start -> items whose warning it was
     compared = 0
     restore: dict[str, dict] = {}
+    _create_nodes(engines.api, runnable)
     engines.use_rules(runnable[0])
     engines.start()
     baseline: dict[str, Answer] = {}
@@ -720,7 +770,7 @@ def test_equivalence_webhook_and_exported_policies_answer_alike(engines: Engines
             engines.switch([])
             if batch is then:
                 restore = _ensure_namespaces(engines.api, then)
-                _store_old_objects(engines.api, then)
+            _store_old_objects(engines.api, batch)
             baseline.update({i.id: engines.api.judge(i) for g in batch for i in g.items})
             for group in batch:
                 index += 1
@@ -746,7 +796,10 @@ def test_equivalence_webhook_and_exported_policies_answer_alike(engines: Engines
                                     not_compared.setdefault(start, []).append(item.id)
                         webhook = dataclasses.replace(webhook, warnings=tuple(
                             w for w in webhook.warnings if not w.startswith(ignored[group.name])))
-                    if webhook != policies:
+                    if webhook.obj is None and any(d in webhook.message
+                                                   for d in refused[group.name]):
+                        not_compared.setdefault("a refusal", []).append(item.id)
+                    elif webhook != policies:
                         differences.append(_difference(item, group, webhook, policies))
                     unmet += [f"{item.id}: {p}" for p in
                               _unmet(item, answers["webhook"][item.id], baseline[item.id])]
@@ -754,18 +807,21 @@ def test_equivalence_webhook_and_exported_policies_answer_alike(engines: Engines
                         by_itself.append(f"{item.id} ({baseline[item.id].message})")
     finally:
         engines.switch([])
-        for name, labels in restore.items():
+        for name, metadata in restore.items():
             ns = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
-            stored = engines.api.get(ns) or {"metadata": {}}
-            current = stored["metadata"].get("labels", {})
-            engines.api.merge(ns, {"metadata": {"labels": {
-                **{k: None for k in current if k not in labels}, **labels}}})
+            stored = (engines.api.get(ns) or {"metadata": {}})["metadata"]
+            engines.api.merge(ns, {"metadata": {
+                part: {**{k: None for k in stored.get(part, {}) if k not in values}, **values}
+                for part, values in metadata.items()}})
     with capsys.disabled():
         print(f"\nequivalence tier: {compared} cases compared through miniapiserver, webhook "
               f"against exported policies, in {len(runnable)} rule configurations")
         for start in sorted({w for starts in ignored.values() for w in starts}):
             print(f"  not compared, left out of the export: warnings {start!r}... "
                   f"({', '.join(not_compared.get(start, [])) or 'no item got one'})")
+        for text in sorted({d for texts in refused.values() for d in texts}):
+            print(f"  not compared, left out of the export: refusals holding {text!r} "
+                  f"({', '.join(not_compared.get('a refusal', [])) or 'no item got one'})")
         for line in by_itself:
             print(f"  compared as the API server's own refusal only: {line}")
         for line in skipped:

@@ -33,13 +33,9 @@ REFERENCES_LEFT_OUT = (
     "limits in enforce mode; not written for warn mode)")
 QOS_LEFT_OUT = ("remove-cpu-limits: the warning when a Guaranteed pod becomes Burstable (a "
                 "validating policy sees only the pod without its limits)")
-ALLOWED_POOLS_LEFT_OUT = ("agentpool-node-selector: the pools a namespace allows through its "
-                         "poolkeeper.io/allowed-pools annotation: the exported policies deny "
-                         "pods choosing them (stricter than the webhook)")
-UNKNOWN_POOLS_LEFT_OUT = ("agentpool-node-selector: the warning or denial for a namespace "
-                          "labelled with a pool no node has (it needs the cluster's nodes)")
-SHIPPED_LEFT_OUT = (ALLOWED_POOLS_LEFT_OUT, UNKNOWN_POOLS_LEFT_OUT, REFERENCES_LEFT_OUT,
-                    QOS_LEFT_OUT)
+NODES_LEFT_OUT = ("agentpool-node-selector: the check that a namespace's pool has nodes (policies "
+                  "cannot list nodes)")
+SHIPPED_LEFT_OUT = (NODES_LEFT_OUT, REFERENCES_LEFT_OUT, QOS_LEFT_OUT)
 
 
 def rule_from(tmp_path: Path, text: str):
@@ -178,10 +174,14 @@ def test_export_of_the_pool_rule_patches_the_escaped_key_and_denies_in_one_valid
 
     (mutation,) = mutating["spec"]["mutations"]
     assert mutation["patchType"] == "JSONPatch"
-    assert "variables.selectorPath + '/kubernetes.azure.com~1agentpool'" in \
-        mutation["jsonPatch"]["expression"]
-    assert "{'kubernetes.azure.com/agentpool': variables.pool}" in \
-        mutation["jsonPatch"]["expression"]
+    # the keys the pod lacks, escaped in the pointer; the pool's tolerations appended
+    assert "variables.missingLabels.map(l, JSONPatch{op: 'add', path: variables.selectorPath + " \
+        "'/' + jsonpatch.escapeKey(l[0]), value: l[1]})" in mutation["jsonPatch"]["expression"]
+    assert "'/-', value: variables.poolTolerations[i]" in mutation["jsonPatch"]["expression"]
+    variables = {v["name"]: v["expression"] for v in mutating["spec"]["variables"]}
+    assert variables["nodeLabels"] == ("[['kubernetes.azure.com/agentpool', variables.chosen, "
+                                       "'[\"kubernetes.azure.com/agentpool\"]']] + "
+                                       "variables.poolLabels")
     for policy in (mutating, validating):
         spec = policy["spec"]
         assert spec["failurePolicy"] == "Fail"  # as the placement webhook
@@ -190,12 +190,13 @@ def test_export_of_the_pool_rule_patches_the_escaped_key_and_denies_in_one_valid
             ([""], ["pods"], ["CREATE", "UPDATE"]), (["apps"], ["daemonsets"], ["CREATE", "UPDATE"])]
         assert spec["matchConstraints"]["namespaceSelector"]["matchExpressions"] == [
             {"key": "agentpool", "operator": "Exists"},
+            {"key": "agentpool", "operator": "NotIn", "values": [""]},
             {"key": "kubernetes.io/metadata.name", "operator": "NotIn",
              "values": ["kube-node-lease", "kube-public", "kube-system", "poolkeeper-system"]}]
         assert [c["name"] for c in spec["matchConditions"]] == [
             "not-a-mirror-pod", "pod-update-can-change-placement"]
         variables = {v["name"]: v["expression"] for v in spec["variables"]}
-        assert "namespaceObject.metadata.?labels.orValue({})[?'agentpool']" in variables["nsPool"]
+        assert variables["nsLabels"] == "namespaceObject.metadata.?labels.orValue({})"
     (validation,) = validating["spec"]["validations"]
     assert validation["reason"] == "Forbidden"
     assert ".join('; ')" in validation["messageExpression"]
@@ -226,8 +227,10 @@ def test_export_with_a_default_pool_matches_unlabelled_namespaces(tmp_path):
     selector = policy["spec"]["matchConstraints"]["namespaceSelector"]["matchExpressions"]
 
     assert {"key": "agentpool", "operator": "Exists"} not in selector
+    assert {"key": "agentpool", "operator": "NotIn", "values": [""]} in selector  # opted out
     variables = {v["name"]: v["expression"] for v in policy["spec"]["variables"]}
-    assert variables["pool"] == "variables.nsLabelled ? variables.nsPool : 'general'"
+    # an empty label opts out even from the defaultPool (PoolPlacement.pool_of)
+    assert variables["pool"] == "'agentpool' in variables.nsLabels ? variables.nsPool : 'general'"
 
 
 def test_export_of_a_warn_rule_is_only_warnings(tmp_path):
@@ -243,10 +246,12 @@ def test_export_of_a_warn_rule_is_only_warnings(tmp_path):
         "poolkeeper-agentpool-node-selector-workloads-warnings"
     assert binding["spec"]["validationActions"] == ["Warn"]
     variables = {v["name"]: v["expression"] for v in policy["spec"]["variables"]}
-    assert [variables[f"warning{i}"].split(" ? '' : ")[-1] for i in range(4)] == [
-        "'would ' + (variables.mutate ? 'set nodeSelector agentpool=' + variables.pool : '')",
-        "'would deny: ' + (variables.otherPool)", "'would deny: ' + (variables.nodeNameSet)",
-        "'would deny: ' + (variables.affinity)"]
+    texts = [variables[f"warning{i}"].split(" ? '' : ")[-1] for i in range(5)]
+    assert texts[0].startswith("'would ' + (variables.mutate && variables.missingLabels")
+    assert texts[1].startswith("'would ' + (variables.mutate && variables.newTolerations")
+    assert texts[2:] == ["'would deny: ' + (variables.otherPool)",
+                         "'would deny: ' + (variables.nodeNameSet)",
+                         "'would deny: ' + (variables.affinity)"]
     assert len(workloads["spec"]["validations"]) == 3  # templates are never patched
     # the webhook's cut of warnings at 120 characters, prefix included, then the docsURL when
     # the whole stays within 256
@@ -444,8 +449,84 @@ def test_export_of_a_pool_rule_for_pod_creation_only_needs_no_kind_choice(tmp_pa
     assert spec["matchConstraints"]["resourceRules"] == [
         {"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"]}]
     assert spec["matchConstraints"]["namespaceSelector"] == {
-        "matchExpressions": [{"key": "agentpool", "operator": "Exists"}]}
+        "matchExpressions": [{"key": "agentpool", "operator": "Exists"},
+                             {"key": "agentpool", "operator": "NotIn", "values": [""]}]}
     assert spec["matchConditions"] == [
         {"name": "not-a-mirror-pod", "expression": "!(request.kind.kind == 'Pod' && "
          "'kubernetes.io/config.mirror' in object.metadata.?annotations.orValue({}))"},
         {"name": "object-selector", "expression": "'team' in object.metadata.?labels.orValue({})"}]
+
+
+POOLS_CASE = TESTDATA / "rules/agentpool-node-selector/pod-in-gpu-pool-gets-its-node-labels-and-tolerations"
+
+
+def test_export_of_pools_chooses_each_pools_labels_and_tolerations(tmp_path):
+    rule = rule_from(tmp_path, (POOLS_CASE / "rule.yaml").read_text())
+    objects = by_name(export_policies([rule]).objects)
+    mutating = objects["MutatingAdmissionPolicy", "poolkeeper-agentpool-node-selector"]
+    variables = {v["name"]: v["expression"] for v in mutating["spec"]["variables"]}
+
+    assert variables["poolLabels"] == (
+        "(variables.chosen == 'gpu' ? [['kubernetes.io/arch', 'amd64', "
+        "'[\"kubernetes.io/arch\"]']] : [])")
+    assert variables["poolTolerationIds"] == (
+        "(variables.chosen == 'spot' ? [['kubernetes.azure.com/scalesetpriority', 'Equal', "
+        "'spot', 'NoSchedule']] : variables.chosen == 'gpu' ? [['nvidia.com/gpu', 'Exists', '', "
+        "'NoSchedule'], ['sku', 'Equal', 'gpu', 'NoSchedule']] : [])")
+    assert "dyn([{'key': dyn('nvidia.com/gpu'), 'operator': dyn('Exists'), " \
+           "'effect': dyn('NoSchedule')}, " in variables["poolTolerations"]
+    # the pools the namespace's annotation allows, then the one the pod gets
+    assert variables["extraPools"] == ("namespaceObject.metadata.?annotations.orValue({})"
+                                       "[?'poolkeeper.io/allowed-pools'].orValue('')"
+                                       ".split(',').map(p, p.trim())")
+    assert variables["chosen"] == ("variables.hasKey && variables.value in variables.allowed ? "
+                                   "variables.value : variables.pool")
+    # every pod UPDATE judging covers the keys of all pools
+    assert "['agentpool', 'kubernetes.io/arch'].all(k," in variables["judged"]
+    validating = objects["ValidatingAdmissionPolicy", "poolkeeper-agentpool-node-selector"]
+    (validation,) = validating["spec"]["validations"]
+    assert "variables.labelDenials.size() > 0 ? variables.labelDenials[0] : ''" in \
+        validation["expression"]
+
+
+def test_export_of_pools_without_an_allowed_pools_annotation_allows_the_pool_only(tmp_path):
+    rule = rule_from(tmp_path, shipped("agentpool-node-selector",
+                                       params={"allowedPoolsAnnotation": None}))
+    policy, *_ = export_policies([rule]).objects
+    variables = {v["name"]: v["expression"] for v in policy["spec"]["variables"]}
+    assert variables["extraPools"] == "[]"
+
+
+@pytest.mark.parametrize("unknown, kinds", [
+    ("warn", ["ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"]),
+    ("deny", ["ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"]),
+    ("off", [])])
+def test_export_of_namespaces_judges_only_listed_pools_and_leaves_the_node_check_out(
+        tmp_path, unknown, kinds):
+    rule = rule_from(tmp_path, shipped("agentpool-node-selector", params={
+        "pools": {"pool1": None, "spot": None}, "onlyListedPools": True,
+        "unknownPools": unknown}))
+    result = export_policies([rule])
+    namespaces = [o for o in result.objects
+                  if o["metadata"]["name"].startswith("poolkeeper-agentpool-node-selector-namespaces")]
+
+    assert [o["kind"] for o in namespaces] == kinds
+    nodes = [i for i in result.left_out if "has nodes" in i.what]
+    if unknown == "off":
+        assert nodes == [] and namespaces == []
+        return
+    (left_out,) = nodes
+    policy, binding = namespaces
+    assert policy["spec"]["failurePolicy"] == "Ignore"  # the namespaces webhook fails open
+    assert [c["name"] for c in policy["spec"]["matchConditions"]] == [
+        "update-changes-the-pool-label"]
+    variables = {v["name"]: v["expression"] for v in policy["spec"]["variables"]}
+    assert "!(variables.pool in ['pool1', 'spot'])" in variables["unlisted"]
+    if unknown == "deny":
+        assert (left_out.warnings, left_out.denials) == ((), ("no node has",))
+        assert binding["spec"]["validationActions"] == ["Deny"]
+        assert "Label it with a pool that exists" in \
+            policy["spec"]["validations"][0]["messageExpression"]
+    else:
+        assert left_out.warnings == ("no node has", "cannot check that pool")
+        assert binding["spec"]["validationActions"] == ["Warn"]
