@@ -7,6 +7,13 @@ mutates the request. All rules run in one pass over one copy-on-write view, so t
 compose into one patch; any ``enforce`` denial wins and the message names every rule that
 denied. A rule in ``warn`` mode runs on a scratch view: its edits and denials become admission
 warnings ("would ...") and nothing else; a rule that is ``off`` does not run.
+
+A rule that raises (a bug, or a namespace lookup that cannot be answered) does as its
+``onError`` says: ``fail`` lets the exception out (the transport answers 500, so the webhook's
+failurePolicy decides); ``ignore`` skips the rule as if it had not run, with an admission
+warning, and the :class:`Decision` lists it in ``errors`` for the transport to log and count. A
+malformed object (:class:`~app.patching.ObjectShapeError`, deep nesting) is the request's fault,
+not the rule's: it always gets out (a 400).
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from dataclasses import dataclass, field
 
 from .kinds import template_path
 from .namespaces.source import Namespace
-from .patching import ObjectEditor, expect_map
+from .patching import ObjectEditor, ObjectShapeError, expect_map
 from .review import (
     MUTATING_OPERATIONS,
     AdmissionRequest,
@@ -46,11 +53,20 @@ class Action:
 
 
 @dataclass(frozen=True, slots=True)
+class RuleError:
+    """A rule with ``onError: ignore`` that raised and was skipped."""
+
+    rule: str
+    error: Exception
+
+
+@dataclass(frozen=True, slots=True)
 class Decision:
     response: AdmissionResponse
     actions: tuple[Action, ...] = field(default=())
     # the namespaces the rules looked up: name -> namespace, or None when it does not exist
     namespaces: Mapping[str, Namespace | None] = field(default_factory=dict)
+    errors: tuple[RuleError, ...] = field(default=())
 
     @property
     def rules(self) -> tuple[str, ...]:
@@ -75,6 +91,11 @@ def warning(rule: str, text: str, docs_url: str | None = None) -> str:
     return message
 
 
+SKIPPED = "not applied: it failed in poolkeeper (a bug; its log has the details)"
+# The request's own fault, whichever rule meets it: never skipped, always a 400.
+_BAD_INPUT = (ObjectShapeError, RecursionError)
+
+
 def _denial(rule: Rule, text: str) -> str:
     return f"[{rule.name}] {text}" + (f". See {rule.docs_url}" if rule.docs_url else "")
 
@@ -86,46 +107,35 @@ def admit(request: AdmissionRequest, namespaces: NamespaceLookup,
     editor = ObjectEditor(request.object)
     ctx = RuleContext(request, namespaces, nodes=nodes)
     template = _template_pod(request)
+    # a pod controller: the pod rules see the pod its template makes
+    pod = None if template is None else RuleContext(template, namespaces, ctx.looked_up, nodes)
     denials: list[str] = []
     warnings: list[str] = []
     actions: list[Action] = []
     audit: dict[str, str] = {}
+    errors: list[RuleError] = []
     for rule in rules:
         if rule.enforcement == "off":
             continue
-        if template is not None and rule.policy.ON_TEMPLATES == "warn":
-            # a pod rule on a pod controller: the template is never changed (a GitOps tool
-            # would see drift); the pods get the rule when they are created
-            if rule.template_warnings:
-                text = _template_warning(rule, RuleContext(template, namespaces, ctx.looked_up,
-                                                           nodes), request.gvk.kind)
-                if text:
-                    warnings.append(warning(rule.name, text, rule.docs_url))
-                    actions.append(Action(rule.name, "warned", text))
+        try:
+            outcome = _outcome(rule, ctx, editor, pod)
+        except _BAD_INPUT:
+            raise
+        except Exception as exc:
+            if rule.on_error == "fail":  # the request fails: the webhook's failurePolicy decides
+                raise
+            errors.append(RuleError(rule.name, exc))
+            warnings.append(warning(rule.name, SKIPPED))
             continue
-        if not rule.match.matches(ctx):
+        if outcome is None:
             continue
-        if rule.enforcement == "warn":
-            result = rule.policy.evaluate(ctx, ObjectEditor(editor.current))
-            would = [f"would {e}" for e in result.effects]
-            would += [f"would deny: {d}" for d in result.denials]
-            for text in (*would, *result.warnings):
-                warnings.append(warning(rule.name, text, rule.docs_url))
-                actions.append(Action(rule.name, "warned", text))
-            continue
-        result = rule.policy.evaluate(ctx, editor)
-        audit.update(result.audit)
-        for effect in result.effects:
-            actions.append(Action(rule.name, "mutated", effect))
-        for text in result.denials:
-            denials.append(_denial(rule, text))
-            actions.append(Action(rule.name, "denied", text))
-        for text in result.warnings:
-            warnings.append(warning(rule.name, text, rule.docs_url))
-            actions.append(Action(rule.name, "warned", text))
+        actions.extend(outcome.actions)
+        denials.extend(outcome.denials)
+        warnings.extend(outcome.warnings)
+        audit.update(outcome.audit)
     if denials:
         return Decision(denied(DENIAL_CODE, "; ".join(denials), warnings), tuple(actions),
-                        ctx.looked_up)
+                        ctx.looked_up, tuple(errors))
     if editor.ops:
         # auditAnnotations keys get the webhook's name as prefix from the API server, which
         # drops keys that would then hold two slashes: keep them plain.
@@ -133,8 +143,60 @@ def admit(request: AdmissionRequest, namespaces: NamespaceLookup,
         audit["rules"] = ",".join(acted.rules_that("mutated"))
         if acted.rules_that("warned"):
             audit["warned"] = ",".join(acted.rules_that("warned"))
-        return Decision(patched(editor.ops, warnings, audit), tuple(actions), ctx.looked_up)
-    return Decision(allowed(warnings), tuple(actions), ctx.looked_up)
+        return Decision(patched(editor.ops, warnings, audit), tuple(actions), ctx.looked_up,
+                        tuple(errors))
+    return Decision(allowed(warnings), tuple(actions), ctx.looked_up, tuple(errors))
+
+
+@dataclass(slots=True)
+class _Outcome:
+    """What one rule contributes to the answer, merged only once it has run to the end."""
+
+    actions: list[Action] = field(default_factory=list)
+    denials: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    audit: tuple[tuple[str, str], ...] = ()
+
+    def warn(self, rule: Rule, text: str) -> None:
+        self.warnings.append(warning(rule.name, text, rule.docs_url))
+        self.actions.append(Action(rule.name, "warned", text))
+
+
+def _outcome(rule: Rule, ctx: RuleContext, editor: ObjectEditor,
+             pod: RuleContext | None) -> _Outcome | None:
+    """What ``rule`` does to the request (None: it does not apply). A rule that may be skipped
+    (onError: ignore) edits a fork of ``editor``, adopted only once it has run to the end."""
+    outcome = _Outcome()
+    if pod is not None and rule.policy.ON_TEMPLATES == "warn":
+        # a pod rule on a pod controller: the template is never changed (a GitOps tool would
+        # see drift); the pods get the rule when they are created
+        if rule.template_warnings:
+            text = _template_warning(rule, pod, ctx.request.gvk.kind)
+            if text:
+                outcome.warn(rule, text)
+        return outcome
+    if not rule.match.matches(ctx):
+        return None
+    if rule.enforcement == "warn":  # on a scratch view: nothing it does reaches the patch
+        result = rule.policy.evaluate(ctx, ObjectEditor(editor.current))
+        would = [f"would {e}" for e in result.effects]
+        would += [f"would deny: {d}" for d in result.denials]
+        for text in (*would, *result.warnings):
+            outcome.warn(rule, text)
+        return outcome
+    target = editor if rule.on_error == "fail" else editor.fork()
+    result = rule.policy.evaluate(ctx, target)
+    if target is not editor:
+        editor.adopt(target)
+    outcome.audit = result.audit
+    for effect in result.effects:
+        outcome.actions.append(Action(rule.name, "mutated", effect))
+    for text in result.denials:
+        outcome.denials.append(_denial(rule, text))
+        outcome.actions.append(Action(rule.name, "denied", text))
+    for text in result.warnings:
+        outcome.warn(rule, text)
+    return outcome
 
 
 def _template_pod(request: AdmissionRequest) -> AdmissionRequest | None:

@@ -37,6 +37,10 @@ ADMISSION_REQUESTS = Counter(
 RULE_ACTIONS = Counter(
     "poolkeeper_rule_actions_total", "What rules did, by rule, namespace and effect.",
     ["rule", "namespace", "effect"])  # effect: mutated, denied, warned
+RULE_ERRORS = Counter(
+    "poolkeeper_rule_errors_total",
+    "Rules that raised and were skipped (onError: ignore) while the request went on, by rule.",
+    ["rule"])
 # The decision itself takes tens of microseconds; the buckets resolve that and still cover a
 # slow namespace lookup up to the webhook's timeout.
 ADMISSION_DURATION = Histogram(

@@ -93,6 +93,18 @@ class ObjectEditor:
         self.ops: list[dict] = []
         self._copied: dict[int, Any] = {}  # id -> container, held so ids are never reused
 
+    def fork(self) -> ObjectEditor:
+        """An editor over this one's current view; its edits join this one only when
+        :meth:`adopt` is called (a rule that raises halfway leaves no partial edits)."""
+        return ObjectEditor(self.current)
+
+    def adopt(self, fork: ObjectEditor) -> None:
+        """Take over the edits of ``fork`` (made by :meth:`fork`, nothing edited here since)."""
+        if fork.ops:
+            self.current = fork.current
+            self.ops.extend(fork.ops)
+            self._copied.update(fork._copied)
+
     def _writable_parent(self, path: Path) -> Any:
         """Copy every container from the root down to path[:-1]; return that parent."""
         if id(self.current) not in self._copied:

@@ -16,7 +16,9 @@ body not JSON, not an AdmissionReview v1, no request.uid,   400     status 400, 
 no request.object on CREATE/UPDATE, a malformed field
 no such path under /mutate/                                 404     status 404, the paths
 namespace labels cannot be known (API server unreachable    500     status 500: the webhook's
-past the staleness limit), or a bug                                 failurePolicy decides
+past the staleness limit) or a bug, in a rule with                  failurePolicy decides
+``onError: fail`` (every PoolPlacement) or outside the rules
+the same in a rule with ``onError: ignore``                 200     that rule skipped, a warning
 ==========================================================  ======  ============================
 
 A 500 is deliberate: controller-runtime answers 200+deny there, which bypasses failurePolicy.
@@ -42,7 +44,7 @@ from .kinds import OBJECT_KINDS
 from .namespaces import NamespaceLookupError
 from .patching import ObjectShapeError
 from .review import AdmissionRequest, ReviewError, encode_review, errored, parse_review
-from .rules import WEBHOOKS
+from .rules import PATHS
 from .text import clip, quote
 
 if TYPE_CHECKING:
@@ -54,7 +56,7 @@ admission_log = logging.getLogger("poolkeeper.admission")
 JSON = "application/json"
 # GET /metrics is on its own plain-HTTP port (app/server/sidecar.py), where a NetworkPolicy
 # admits only Prometheus.
-ENDPOINTS = ["POST /mutate", "POST /mutate/<webhook>", "GET /healthz", "GET /readyz"]
+ENDPOINTS = ["POST /mutate", "POST /mutate/<path>", "GET /healthz", "GET /readyz"]
 
 EXTENSION = "poolkeeper"  # app.extensions[EXTENSION] holds the Services
 blueprint = Blueprint("poolkeeper", __name__)
@@ -88,16 +90,17 @@ def _services() -> Services:
     return services
 
 
-# /mutate runs every rule; /mutate/<webhook> only the rules served there, so each webhook
-# configuration (placement fails closed, defaults fail open) runs its own rules.
-@blueprint.post("/mutate", defaults={"webhook": None})
-@blueprint.post("/mutate/", defaults={"webhook": ""})
-@blueprint.post("/mutate/<path:webhook>")
-def mutate(webhook: str | None) -> Response:
+# /mutate runs every rule; /mutate/<path> only the rules served there (app.rules.PATHS), so each
+# webhook configuration runs its own: /mutate/pods placement and the defaults in one call for
+# pooled namespaces (fails closed), /mutate/defaults the defaults elsewhere (fails open).
+@blueprint.post("/mutate", defaults={"path": None})
+@blueprint.post("/mutate/", defaults={"path": ""})
+@blueprint.post("/mutate/<path:path>")
+def mutate(path: str | None) -> Response:
     started = time.perf_counter()
     services = _services()
     try:
-        review_request, decision = _judge(services, webhook)
+        review_request, decision = _judge(services, path)
     except RequestError as rejected:
         _observe(rejected.request, "error", time.perf_counter() - started,
                  {"status": rejected.code, "error": rejected.message})
@@ -113,15 +116,28 @@ def mutate(webhook: str | None) -> Response:
         if acted := decision.rules_that(effect):
             fields[effect] = list(acted)
     fields["patchOps"] = len(response.patch)
+    if decision.errors:
+        fields["skippedRules"] = _skipped(review_request, decision)
     _observe(review_request, outcome, time.perf_counter() - started, fields)
     return Response(encode_review(review_request.uid, response), 200, mimetype=JSON)
 
 
-def _judge(services: Services, webhook: str | None) -> tuple[AdmissionRequest,
-                                                             admission.Decision]:
-    if webhook is not None and webhook not in WEBHOOKS:
-        raise RequestError(404, f"no webhook path {quote('/mutate/' + webhook)}: use /mutate or "
-                                "one of " + ", ".join(f"/mutate/{w}" for w in WEBHOOKS))
+def _skipped(review_request: AdmissionRequest, decision: admission.Decision) -> list[str]:
+    """Log and count the rules skipped after they raised (onError: ignore); their names."""
+    names = []
+    for failure in decision.errors:
+        metrics.RULE_ERRORS.labels(failure.rule).inc()
+        log.error("rule %s failed on request %s and was skipped (onError: ignore)",
+                  failure.rule, clip(review_request.uid), exc_info=failure.error)
+        names.append(failure.rule)
+    return names
+
+
+def _judge(services: Services, path: str | None) -> tuple[AdmissionRequest,
+                                                          admission.Decision]:
+    if path is not None and path not in PATHS:
+        raise RequestError(404, f"no webhook path {quote('/mutate/' + path)}: use /mutate or "
+                                "one of " + ", ".join(f"/mutate/{p}" for p in PATHS))
     if request.mimetype != JSON:
         raise RequestError(415, f"content type {request.mimetype or 'none'!r} is not "
                                 f"supported: send the AdmissionReview as {JSON}")
@@ -142,7 +158,7 @@ def _judge(services: Services, webhook: str | None) -> tuple[AdmissionRequest,
     try:
         nodes = services.nodes.pools if services.nodes is not None else None
         return review_request, admission.admit(review_request, services.source.namespace,
-                                               services.rules.rules(webhook), nodes)
+                                               services.rules.rules(path), nodes)
     except ObjectShapeError as exc:
         raise RequestError(400, f"request.object is malformed: {exc}", review_request) from None
     except RecursionError:  # only input nests deep enough: poolkeeper's own code is flat

@@ -36,6 +36,7 @@ from pathlib import Path
 import kubernetes.client
 import kubernetes.dynamic
 import pytest
+import requests
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -66,6 +67,8 @@ SECRET = "poolkeeper-tls"
 # a new one appears (a pod serves the new pair about 6 s after: SETTLE, then the file watcher).
 OVERLAP = 12
 POLICY = "poolkeeper-pod-placement"
+# tests/faults/sitecustomize.py's (not imported here: it patches the rule kinds it is loaded into)
+FAULT_ANNOTATION = "poolkeeper.test/raise-in"
 DEADLINE = 30.0  # seconds any eventual condition may take; conditions are polled, never slept on
 # Objects the API server applies asynchronously (webhook configurations, policies, namespace
 # labels seen by policies) are probed with dry-run requests until they take effect.
@@ -177,21 +180,21 @@ class Tier:
         assert result.returncode == 0, result.stderr
         return result
 
-    def start_server(self) -> None:
+    def start_server(self, env: dict[str, str] | None = None) -> None:
         """`poolkeeper serve` on a free port, ready (first namespace listing done), mapped as the
         webhooks' Service."""
         if self.server is not None:
             self.server.stop()  # never two at once
-        self.server = self.serve(self.cert_dir)
+        self.server = self.serve(self.cert_dir, env=env)
         self.apiserver.map_webhook_service(SERVICE, f"127.0.0.1:{self.server.port}")
 
-    def serve(self, cert_dir: Path, *args: str) -> Server:
+    def serve(self, cert_dir: Path, *args: str, env: dict[str, str] | None = None) -> Server:
         """`poolkeeper serve --manage-certs` (a pod), ready; not mapped as the Service."""
         self.starts += 1
         return start_server(cert_dir, self.log_dir / f"serve-{self.starts}.log",
                             "--kubeconfig", self.apiserver.kubeconfig,
                             "--rules", str(self.rules_dir), "--manage-certs",
-                            "--cert-overlap", str(OVERLAP), *args)
+                            "--cert-overlap", str(OVERLAP), *args, env=env)
 
     def ensure_webhook(self) -> None:
         """poolkeeper serving and its webhook configuration active, whatever a test left."""
@@ -297,6 +300,7 @@ def test_tier_base_is_accepted_by_the_api_server(tier: Tier):
     assert set(tier.not_served) <= set(NOT_SERVED), tier.not_served
     mwc = tier.admission.read_mutating_webhook_configuration(MWC)
     assert [w.name for w in mwc.webhooks] == ["placement.poolkeeper.io", "defaults.poolkeeper.io",
+                                             "defaults-opted-out.poolkeeper.io",
                                              "workloads.poolkeeper.io",
                                              "namespaces.poolkeeper.io"]
     deployment = tier.apps.read_namespaced_deployment("poolkeeper", "poolkeeper-system")
@@ -319,6 +323,67 @@ def test_tier_pod_in_pool1_namespace_is_pinned_and_defaulted(live: Tier):
     other = live.core.create_namespaced_pod(live.pool1, pod(unique("web")))
     assert other.spec.containers[0].image_pull_policy == "IfNotPresent"  # not platform=true
     assert other.spec.node_selector == {"agentpool": "pool1"}
+
+
+def test_tier_a_pod_costs_one_poolkeeper_call(live: Tier):
+    # Pooled namespace: placement and the defaults in one call, and poolkeeper's own patch does
+    # not make the API server call it again. Elsewhere: the defaults, in one call.
+    name, plain, opted = unique("web"), unique("web"), unique("web")
+    body = pod(name, labels={"platform": "true"}, limits={"cpu": "1"})
+    created = live.core.create_namespaced_pod(live.pool1, body)
+    assert created.spec.node_selector == {"agentpool": "pool1"}
+    assert created.spec.containers[0].resources.limits is None
+    assert [(e["decision"], e["rules"]) for e in live.admissions(name)] == [
+        ("patched", ["agentpool-node-selector", "image-pull-policy", "remove-cpu-limits"])]
+    live.core.create_namespaced_pod(live.plain, pod(plain, limits={"cpu": "1"}))
+    opted_out = namespace(live, "opted-out", {"agentpool": ""})
+    live.core.create_namespaced_pod(opted_out, pod(opted, limits={"cpu": "1"}))
+    for other in (plain, opted):
+        assert [(e["decision"], e["rules"]) for e in live.admissions(other)] == [
+            ("patched", ["remove-cpu-limits"])]
+
+
+def test_tier_failing_default_is_skipped_with_a_warning_failing_placement_refuses(
+        live: Tier, tmp_path: Path):
+    # tests/faults makes a rule kind raise for pods annotated with its name: a bug in a rule.
+    # The defaults fail open inside the fail-closed call (onError: ignore); placement does not.
+    live.start_server(env={"PYTHONPATH": str(ROOT / "tests/faults")})
+    try:
+        wait_for(live.webhook_pins_pods, "the webhook to call the restarted poolkeeper")
+
+        def create(namespace: str, name: str, kind: str) -> subprocess.CompletedProcess:
+            obj = pod(name, labels={"platform": "true"}, limits={"cpu": "1"},
+                      annotations={FAULT_ANNOTATION: kind})
+            obj["metadata"]["namespace"] = namespace
+            return kubectl_create(live, tmp_path, obj, "-o", "json")
+
+        warned = "Warning: [remove-cpu-limits] not applied: it failed in poolkeeper"
+        for namespace_name, pinned in ((live.pool1, {"agentpool": "pool1"}), (live.plain, None)):
+            name = unique("web")
+            result = create(namespace_name, name, "RemoveResourceLimits")
+            assert result.returncode == 0, result.stderr
+            assert warned in result.stderr  # kubectl prints the admission warning
+            created = json.loads(result.stdout)
+            assert created["spec"].get("nodeSelector") == pinned
+            (container,) = created["spec"]["containers"]
+            assert container["resources"]["limits"] == {"cpu": "1"}  # the failed rule: skipped
+            assert container["imagePullPolicy"] == "Always"  # the other default: applied
+            (entry,) = live.admissions(name)
+            assert (entry["decision"], entry["skippedRules"]) == ("patched", ["remove-cpu-limits"])
+
+        name = unique("web")
+        refused = create(live.pool1, name, "PoolPlacement")
+        assert refused.returncode != 0
+        assert 'failed calling webhook "placement.poolkeeper.io"' in refused.stderr
+        with pytest.raises(ApiException) as missing:
+            live.core.read_namespaced_pod(name, live.pool1)
+        assert missing.value.status == 404
+
+        assert live.server.log().count("fault injected into RemoveResourceLimits") == 2
+        scraped = requests.get(live.server.metrics_url, timeout=10).text
+        assert 'poolkeeper_rule_errors_total{rule="remove-cpu-limits"} 2.0' in scraped
+    finally:
+        live.start_server()
 
 
 def test_tier_pod_asking_for_other_pool_is_denied_with_the_message(live: Tier):

@@ -21,7 +21,7 @@ from cryptography import x509
 
 from app.certs import serving_names
 from app.config import Settings
-from app.rules import WEBHOOKS, load_rules
+from app.rules import PATHS, load_rules
 from integration.manifests import (
     DEPLOY,
     ca_bundle,
@@ -199,14 +199,17 @@ def test_manifests_rules_configmap_holds_the_shipped_rules_and_loads(base, tmp_p
 
 def test_manifests_webhooks_are_as_the_issue_says(webhooks):
     assert list(webhooks) == ["placement.poolkeeper.io", "defaults.poolkeeper.io",
-                              "workloads.poolkeeper.io", "namespaces.poolkeeper.io"]
+                              "defaults-opted-out.poolkeeper.io", "workloads.poolkeeper.io",
+                              "namespaces.poolkeeper.io"]
+    # placement and the defaults in one call for pooled namespaces; workloads: every rule (the
+    # pool rule judges, pod rules warn)
+    assert {n: w["clientConfig"]["service"]["path"] for n, w in webhooks.items()} == {
+        "placement.poolkeeper.io": "/mutate/pods", "defaults.poolkeeper.io": "/mutate/defaults",
+        "defaults-opted-out.poolkeeper.io": "/mutate/defaults",
+        "workloads.poolkeeper.io": "/mutate", "namespaces.poolkeeper.io": "/mutate/namespaces"}
     for name, webhook in webhooks.items():
         path = webhook["clientConfig"]["service"]["path"]
-        if name == "workloads.poolkeeper.io":  # every rule: the pool rule judges, pod rules warn
-            assert path == "/mutate"
-        else:
-            assert path == f"/mutate/{name.split('.')[0]}"
-            assert path.removeprefix("/mutate/") in WEBHOOKS  # a path the app serves
+        assert path == "/mutate" or path.removeprefix("/mutate/") in PATHS  # the app serves it
         assert webhook["clientConfig"]["service"] == {
             "namespace": "poolkeeper-system", "name": "poolkeeper", "path": path, "port": 443}
         assert "url" not in webhook["clientConfig"]
@@ -221,7 +224,8 @@ def test_manifests_webhooks_are_as_the_issue_says(webhooks):
         assert SYSTEM_NAMESPACES <= excluded_names(webhook["namespaceSelector"])
     assert {n: w["failurePolicy"] for n, w in webhooks.items()} == {
         "placement.poolkeeper.io": "Fail", "defaults.poolkeeper.io": "Ignore",
-        "workloads.poolkeeper.io": "Ignore", "namespaces.poolkeeper.io": "Ignore"}
+        "defaults-opted-out.poolkeeper.io": "Ignore", "workloads.poolkeeper.io": "Ignore",
+        "namespaces.poolkeeper.io": "Ignore"}
 
     def rules(webhook):
         return {(tuple(r["apiGroups"]), tuple(r["apiVersions"]), tuple(r["resources"]),
@@ -230,8 +234,10 @@ def test_manifests_webhooks_are_as_the_issue_says(webhooks):
     assert rules(webhooks["placement.poolkeeper.io"]) == {
         (("",), ("v1",), ("pods",), ("CREATE", "UPDATE")),
         (("apps",), ("v1",), ("daemonsets",), ("CREATE", "UPDATE"))}
-    assert rules(webhooks["defaults.poolkeeper.io"]) == {(("",), ("v1",), ("pods",),
-                                                          ("CREATE",))}
+    for name in ("defaults.poolkeeper.io", "defaults-opted-out.poolkeeper.io"):
+        assert rules(webhooks[name]) == {(("",), ("v1",), ("pods",), ("CREATE",))}
+        assert webhooks[name]["matchConditions"] == \
+            webhooks["defaults.poolkeeper.io"]["matchConditions"]
     assert rules(webhooks["namespaces.poolkeeper.io"]) == {(("",), ("v1",), ("namespaces",),
                                                             ("CREATE", "UPDATE"))}
     assert rules(webhooks["workloads.poolkeeper.io"]) == {
@@ -265,7 +271,8 @@ def test_manifests_placement_gets_only_pod_updates_that_can_change_placement(web
         "(has(oldObject.spec.schedulingGates) && size(oldObject.spec.schedulingGates) > 0)")
     # The fail-open defaults get no UPDATEs at all; namespaces only those that change the pool
     # label (the pool rule's check that the pool has nodes).
-    assert all(r["operations"] == ["CREATE"] for r in webhooks["defaults.poolkeeper.io"]["rules"])
+    for name in ("defaults.poolkeeper.io", "defaults-opted-out.poolkeeper.io"):
+        assert all(r["operations"] == ["CREATE"] for r in webhooks[name]["rules"])
 
 
 def test_manifests_namespaces_get_only_updates_that_change_the_pool_label(webhooks):
@@ -293,18 +300,71 @@ def test_manifests_webhooks_send_each_rule_what_it_matches(webhooks):
         doc = yaml.safe_load((ROOT / "rules" / f"{rule.name}.yaml").read_text())
         for kind in doc["match"]["kinds"]:
             own = kind in ("Pod", "DaemonSet", "Namespace")
-            path = ELSEWHERE.get(rule.kind_name, {}).get(kind, doc["webhook"])
-            webhook = webhooks[f"{path}.poolkeeper.io" if own else "workloads.poolkeeper.io"]
-            assert own or webhook["clientConfig"]["service"]["path"] == "/mutate", kind
-            group, resource = resources[kind]
-            for operation in doc["match"]["operations"]:
-                assert any(group in r["apiGroups"] and resource in r["resources"]
-                           and operation in r["operations"] for r in webhook["rules"]), \
-                    (rule.name, kind, operation)
-        # A namespace the rule leaves alone is not sent to the webhook at all, so (placement
-        # failing closed) the control plane never waits on poolkeeper.
-        excluded = set(doc["match"].get("excludedNamespaces", SYSTEM_NAMESPACES))
-        assert excluded <= excluded_names(webhook["namespaceSelector"]), rule.name
+            served = (serving(webhooks, ELSEWHERE.get(rule.kind_name, {}).get(kind, doc["webhook"]))
+                      if own else {"workloads.poolkeeper.io": webhooks["workloads.poolkeeper.io"]})
+            sent = {name: w for name, w in served.items()
+                    if any(resources[kind][1] in r["resources"] for r in w["rules"])}
+            assert sent, (rule.name, kind)
+            for webhook in sent.values():
+                assert own or webhook["clientConfig"]["service"]["path"] == "/mutate", kind
+                group, resource = resources[kind]
+                for operation in doc["match"]["operations"]:
+                    assert any(group in r["apiGroups"] and resource in r["resources"]
+                               and operation in r["operations"] for r in webhook["rules"]), \
+                        (rule.name, kind, operation)
+                # A namespace the rule leaves alone is not sent to the webhook at all, so
+                # (placement failing closed) the control plane never waits on poolkeeper.
+                excluded = set(doc["match"].get("excludedNamespaces", SYSTEM_NAMESPACES))
+                assert excluded <= excluded_names(webhook["namespaceSelector"]), rule.name
+
+
+def serving(webhooks: dict[str, dict], rule_webhook: str) -> dict[str, dict]:
+    """The webhooks whose path serves the rules of ``rule_webhook`` (app.rules.PATHS)."""
+    return {name: w for name, w in webhooks.items()
+            if rule_webhook in PATHS.get(w["clientConfig"]["service"]["path"]
+                                         .removeprefix("/mutate/"), ())}
+
+
+def test_manifests_placement_rules_are_served_only_by_fail_closed_webhooks(webhooks):
+    # The loader keeps every PoolPlacement rule on `webhook: placement` with onError: fail; that
+    # is fail closed only if every webhook whose path serves placement has failurePolicy Fail.
+    placement = serving(webhooks, "placement")
+    assert list(placement) == ["placement.poolkeeper.io"]
+    assert {w["failurePolicy"] for w in placement.values()} == {"Fail"}
+    for rule in load_rules(ROOT / "rules"):
+        if rule.kind_name == "PoolPlacement":
+            assert (rule.webhook, rule.on_error) == ("placement", "fail")
+        else:
+            assert rule.on_error == "ignore", rule.name  # the defaults stay fail open
+
+
+def test_manifests_each_pod_reaches_one_poolkeeper_webhook(webhooks):
+    # One call per pod: the pooled namespaces' webhook runs placement and the defaults, the others
+    # the defaults only; their namespaceSelectors split the namespaces by the pool label
+    # (non-empty, absent, empty), so no pod goes to two (each would reinvoke the other after its
+    # patch) and none to none.
+    params = yaml.safe_load((ROOT / "rules/agentpool-node-selector.yaml").read_text())["params"]
+    key = params["namespaceLabelKey"]
+    pods = {name: w for name, w in webhooks.items()
+            if any("pods" in r["resources"] for r in w["rules"])}
+    assert list(pods) == ["placement.poolkeeper.io", "defaults.poolkeeper.io",
+                          "defaults-opted-out.poolkeeper.io"]
+    by_pool_label = {}
+    for name, webhook in pods.items():
+        expressions = webhook["namespaceSelector"]["matchExpressions"]
+        assert "matchLabels" not in webhook["namespaceSelector"]
+        on_pool = [(e["operator"], tuple(e.get("values", ()))) for e in expressions
+                   if e["key"] == key]
+        assert [e for e in expressions if e["key"] not in (key, "kubernetes.io/metadata.name")] \
+            == []
+        by_pool_label[tuple(sorted(on_pool))] = name
+        assert excluded_names(webhook["namespaceSelector"]) == \
+            excluded_names(pods["placement.poolkeeper.io"]["namespaceSelector"])
+    assert by_pool_label == {
+        (("Exists", ()), ("NotIn", ("",))): "placement.poolkeeper.io",  # a non-empty pool label
+        (("DoesNotExist", ()),): "defaults.poolkeeper.io",  # none
+        (("In", ("",)),): "defaults-opted-out.poolkeeper.io"}  # an empty one: opted out
+    assert serving(webhooks, "defaults") == pods  # the defaults reach pods in every class
 
 
 def test_manifests_serving_certificate_covers_the_service_the_webhooks_call(base, webhooks,

@@ -6,6 +6,8 @@ from .limits import RemoveResourceLimits
 from .loader import (
                    DEFAULT_EXCLUDED_NAMESPACES,
                    ENFORCEMENTS,
+                   ON_ERROR,
+                   PATHS,
                    RULE_KINDS,
                    SHIPPED_RULES,
                    WEBHOOKS,
@@ -24,7 +26,8 @@ from .store import RuleStore
 __all__ = [
     "NOTHING", "LabelSelector", "Match", "Policy", "Requirement", "Rule", "RuleContext",
     "RuleResult", "ImagePullPolicy", "NamespaceLabels", "RemoveResourceLimits",
-    "DEFAULT_EXCLUDED_NAMESPACES", "ENFORCEMENTS", "RULE_KINDS", "SHIPPED_RULES", "WEBHOOKS",
+    "DEFAULT_EXCLUDED_NAMESPACES", "ENFORCEMENTS", "ON_ERROR", "PATHS", "RULE_KINDS",
+    "SHIPPED_RULES", "WEBHOOKS",
     "RuleSet", "RuleStore", "RulesError", "load_rule_set", "load_rules", "parse_rule_file",
     "rules_digest", "MIRROR_POD_ANNOTATION",
     "PoolPlacement",

@@ -192,7 +192,8 @@ class Rule:
     match: Match
     policy: Policy
     enforcement: str = "enforce"  # enforce | warn | off
-    webhook: str = "defaults"  # the path /mutate/<webhook> that runs it
+    webhook: str = "defaults"  # placement | defaults | namespaces (loader.PATHS: who serves it)
     # a pod rule on a pod controller: warn what its pods will get (Policy.ON_TEMPLATES "warn")
     template_warnings: bool = True
     docs_url: str | None = None  # appended to its denials and warnings: "See <url>"
+    on_error: str = "ignore"  # ignore | fail: when it raises, skip it or fail the request

@@ -5,10 +5,12 @@ A rule file::
     name: image-pull-policy          # equal to the file name, kebab-case
     description: ...
     kind: ImagePullPolicy            # one of RULE_KINDS
-    webhook: defaults                # placement | defaults | namespaces: on /mutate/<webhook>
-                                     # (default: the kind's, DEFAULT_WEBHOOK; object kinds the
-                                     # rule kind judges elsewhere go there: ELSEWHERE)
+    webhook: defaults                # placement | defaults | namespaces: the paths serving it
+                                     # are PATHS' (default: the kind's, DEFAULT_WEBHOOK; object
+                                     # kinds the rule kind judges elsewhere go there: ELSEWHERE)
     enforcement: enforce             # enforce | warn | off
+    onError: ignore                  # ignore | fail: a rule that raises is skipped or fails the
+                                     # request (default: DEFAULT_ON_ERROR; PoolPlacement: fail)
     templateWarnings: true           # pod rules on pod controllers: warn what the pods will get
     docsURL: https://...             # appended to its denials and warnings ("See https://...")
     match:
@@ -60,11 +62,29 @@ DEFAULT_WEBHOOK = {"PoolPlacement": "placement", "NamespaceLabels": "namespaces"
 # check that a Namespace's pool has nodes is advice, and a namespace must stay creatable while
 # poolkeeper is down, so it runs on the fail-open namespaces webhook (pods stay on placement).
 ELSEWHERE: dict[str, dict[str, str]] = {"PoolPlacement": {"Namespace": "namespaces"}}
+# What each path /mutate/<path> serves: the rules of these webhooks (by_webhook). /mutate/pods is
+# the pooled namespaces' one call per pod (placement and the defaults together, failurePolicy
+# Fail in deploy/); the others serve one webhook each. Both paths that serve placement fail
+# closed in deploy/ (tests/test_manifests.py).
+PATHS: dict[str, tuple[str, ...]] = {
+    "pods": ("placement", "defaults"),
+    "placement": ("placement",),
+    "defaults": ("defaults",),
+    "namespaces": ("namespaces",),
+}
+# What happens when a rule raises (a bug, or a namespace lookup that cannot be answered; never a
+# malformed object, which is the request's fault and a 400): ignore skips the rule with an
+# admission warning, a log line and poolkeeper_rule_errors_total, and the other rules go on;
+# fail answers 500 so the webhook's failurePolicy decides. PoolPlacement always fails: a skipped
+# placement would let a pod land on any node.
+ON_ERROR = ("ignore", "fail")
+DEFAULT_ON_ERROR = "ignore"
+FIXED_ON_ERROR = {"PoolPlacement": "fail"}
 # Namespaces rules leave alone unless a rule file says otherwise: the control plane's own and
 # poolkeeper's, so the webhook can always restart.
 DEFAULT_EXCLUDED_NAMESPACES = ("kube-system", "kube-public", "kube-node-lease", "poolkeeper-system")
-_FIELDS = ("name", "description", "kind", "webhook", "enforcement", "templateWarnings", "docsURL",
-           "match", "params")
+_FIELDS = ("name", "description", "kind", "webhook", "enforcement", "onError", "templateWarnings",
+           "docsURL", "match", "params")
 _MATCH_FIELDS = ("kinds", "operations", "namespaceSelector", "objectSelector",
                  "excludedNamespaces")
 _RULE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -181,6 +201,14 @@ def _parse_rule(doc: Mapping[str, Any], stem: str, problems: _Problems) -> Rule 
         problems.add("webhook", f"{webhook!r}: PoolPlacement rules run on placement, the webhook "
                                 "that fails closed (elsewhere an outage lets pods escape their "
                                 "pool)")
+    fixed = FIXED_ON_ERROR.get(kind_name) if isinstance(kind_name, str) else None
+    on_error = doc.get("onError", fixed or DEFAULT_ON_ERROR)
+    if on_error not in ON_ERROR:
+        problems.add("onError", f"{on_error!r} is not one of {', '.join(ON_ERROR)}")
+    elif fixed is not None and on_error != fixed:
+        problems.add("onError", f"{on_error!r}: {kind_name} rules always fail the request when "
+                                "they cannot run (a skipped placement lets a pod land on any "
+                                f"node); leave onError out or set {fixed}")
     if kind is None:
         problems.add("kind", f"{kind_name!r} is not one of {', '.join(RULE_KINDS)}")
         return None
@@ -202,7 +230,7 @@ def _parse_rule(doc: Mapping[str, Any], stem: str, problems: _Problems) -> Rule 
     assert isinstance(name, str)  # checked above, else problems.items is not empty
     return Rule(name=name, description=description, kind_name=kind.KIND_NAME, match=match,
                 policy=policy, enforcement=enforcement, webhook=webhook,
-                template_warnings=template_warnings, docs_url=docs_url)
+                template_warnings=template_warnings, docs_url=docs_url, on_error=on_error)
 
 
 def _off(value: Any) -> Any:
@@ -346,3 +374,12 @@ def by_webhook(rules: tuple[Rule, ...]) -> dict[str, tuple[Rule, ...]]:
                 served[webhook].append(rule if kinds == rule.match.kinds else
                                        replace(rule, match=replace(rule.match, kinds=kinds)))
     return {w: tuple(r) for w, r in served.items()}
+
+
+def by_path(rules: tuple[Rule, ...]) -> dict[str, tuple[Rule, ...]]:
+    """The rules each /mutate/<path> runs (PATHS): those of its webhooks, in file order."""
+    served = by_webhook(rules)
+    order = {rule.name: index for index, rule in enumerate(rules)}
+    return {path: tuple(sorted((r for w in webhooks for r in served[w]),
+                               key=lambda r: order[r.name]))
+            for path, webhooks in PATHS.items()}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..watch import FileWatcher, StatSignature, process_watcher, stat_signature
 from .base import Rule
-from .loader import RulesError, RuleSet, by_webhook, load_rule_set, rule_files
+from .loader import RulesError, RuleSet, by_path, load_rule_set, rule_files
 
 log = logging.getLogger("poolkeeper.rules")
 
@@ -34,10 +34,10 @@ class RuleStore:
         (watcher or process_watcher()).watch(f"rules {self.directory}", self._signature,
                                              self._reload, initial=signature)
 
-    def rules(self, webhook: str | None = None) -> tuple[Rule, ...]:
-        """The rules in force; only those served on /mutate/<webhook> when one is named."""
+    def rules(self, path: str | None = None) -> tuple[Rule, ...]:
+        """The rules in force; only those served on /mutate/<path> when one is named."""
         state = self._state
-        return state.rules if webhook is None else state.by_webhook.get(webhook, ())
+        return state.rules if path is None else state.by_path.get(path, ())
 
     @property
     def digest(self) -> str:
@@ -78,10 +78,10 @@ class RuleStore:
 class _State:
     """One loaded set, swapped whole so a reader never sees rules and digest of two sets."""
 
-    __slots__ = ("rules", "by_webhook", "digest", "loaded_at")
+    __slots__ = ("rules", "by_path", "digest", "loaded_at")
 
     def __init__(self, rule_set: RuleSet, loaded_at: float) -> None:
         self.rules = rule_set.rules
-        self.by_webhook = by_webhook(rule_set.rules)
+        self.by_path = by_path(rule_set.rules)
         self.digest = rule_set.digest
         self.loaded_at = loaded_at
