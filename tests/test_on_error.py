@@ -17,8 +17,15 @@ from app.factory import create_app
 from app.namespaces import NamespaceLookupError
 from app.namespaces.file import FileNamespaces
 from app.patching import ObjectEditor, ObjectShapeError
-from app.rules import (NOTHING, SHIPPED_RULES, RuleContext, RuleResult, RulesError, RuleStore,
-                       load_rules)
+from app.rules import (
+    NOTHING,
+    SHIPPED_RULES,
+    RuleContext,
+    RuleResult,
+    RulesError,
+    RuleStore,
+    load_rules,
+)
 from app.watch import FileWatcher
 
 from .support import TESTDATA, make_request, pod, review_doc, shipped_rules
