@@ -15,7 +15,9 @@ kubectl) into namespaces taken in turn, in three cases:
 
 Each case starts once its configuration demonstrably acts (a probe pod gets, or no longer gets,
 the nodeSelector), sends untimed warm-up pods, then times ``count`` creations. A creation that
-fails, or whose pod lacks (b, c, d) or has (a) the injected selector, counts as an error.
+fails, or whose pod lacks (b, c, d) or has (a) the injected selector, counts as an error. In (b)
+poolkeeper's ``poolkeeper_admission_requests_total`` (every review it answered, read from its
+/metrics before and after) over the pods created gives the webhook calls per pod.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from bench.loadgen import percentile
 # stand-in built by standin_webhook_configuration() below (used before deploy/ had one).
 DEPLOY_WEBHOOK_CONFIGURATION: str | None = "deploy/base/webhook.yaml"
 
+REVIEWS = "poolkeeper_admission_requests_total"  # every review poolkeeper answered
 EXCLUDED_NAMESPACES = ["kube-system", "kube-public", "kube-node-lease", "poolkeeper-system"]
 ADMISSION_API = "/apis/admissionregistration.k8s.io/v1"  # MutatingAdmissionPolicy is v1 here
 CREATORS = 8
@@ -269,6 +272,7 @@ class CaseResult:
     cpu_ms: float | None = None  # CPU of API server + etcd (+ poolkeeper) per pod created
     note: str = ""
     warmup_errors: int = 0  # failed or unmutated creations among the untimed ones
+    calls_per_pod: float | None = None  # (b): reviews poolkeeper answered per pod created
     latencies: list[float] = field(default_factory=list, repr=False)
 
 
@@ -348,20 +352,23 @@ def run(work: Path, count: int, warmup: int, creators: tuple[int, ...] = (CREATO
             for n in creators:
                 _, warmup_errors = _timed_creates(api, names, body, warmup, ok, offset, n)
                 offset += warmup
+                reviews_before = hook.counter(REVIEWS) if hook else 0.0
                 cpu_before = _cpu_seconds(pids) + (hook.cpu_seconds() if hook else 0.0)
                 latencies, errors = _timed_creates(api, names, body, count, ok, offset, n)
                 cpu = _cpu_seconds(pids) + (hook.cpu_seconds() if hook else 0.0) - cpu_before
+                calls = (hook.counter(REVIEWS) - reviews_before) / count if hook else None
                 offset += count
                 ordered = sorted(latencies)
                 result = CaseResult(key, label, len(ordered), errors,
                                     percentile(ordered, 50) * 1000,
                                     percentile(ordered, 99) * 1000, ordered[-1] * 1000,
                                     cpu / len(ordered) * 1000, note, warmup_errors,
-                                    latencies=ordered)
+                                    calls, latencies=ordered)
                 results[n].append(result)
                 progress(f"  {label}, {n} creators: p50 {result.p50_ms:.2f} ms, "
                          f"p99 {result.p99_ms:.2f} ms, {errors} errors "
-                         f"({warmup_errors} in the warm-up)")
+                         f"({warmup_errors} in the warm-up)"
+                         + (f", {calls:.2f} webhook calls per pod" if calls is not None else ""))
 
         measure("none", "(a) no admission configured", untouched)
 

@@ -1,4 +1,4 @@
-"""Owns the gunicorn configuration of the floor and OPA servers: poolkeeper's own, another app.
+"""Owns the gunicorn configuration of the floors and the OPA server: poolkeeper's own, another app.
 
 Everything (bind from POOLKEEPER_HOST/PORT, gthread workers and threads, keep-alive, the per-worker
 TLS context, timeouts, no --preload) comes from ``app.server.conf``, the file ``poolkeeper serve``
@@ -14,4 +14,4 @@ wsgi_app = os.environ["BENCH_WSGI_APP"]
 
 
 def post_worker_init(worker):
-    """The floor and OPA apps start nothing."""
+    """The floor, decode and OPA apps start nothing."""

@@ -1,10 +1,11 @@
 """Owns the servers under test: start, wait until every worker serves, CPU time, stop.
 
-All three run gunicorn with poolkeeper's gunicorn settings (app/server/conf.py) on a free
+All of them run gunicorn with poolkeeper's gunicorn settings (app/server/conf.py) on a free
 127.0.0.1 port with the same certificate:
 
 - ``poolkeeper``: ``poolkeeper serve`` itself (``python -m app serve``), rules shipped in rules/;
 - ``floor``: bench/floor_app.py, a fixed "allowed" answer, through bench/gunicorn_conf.py;
+- ``decode``: bench/floor_app.py, the body parsed with orjson, "allowed" for its uid, the same;
 - ``opa``: bench/opa_app.py, the sample's Rego policy in OPA's Go evaluator, same config.
 """
 
@@ -57,6 +58,7 @@ class Server:
     ready_path: str
     workers: int = 0
     cpu_marks: dict = field(default_factory=dict)
+    metrics_port: int = 0  # poolkeeper's plain-HTTP /metrics (0: none)
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -112,6 +114,23 @@ class Server:
         finally:
             conn.close()
 
+    def counter(self, name: str) -> float:
+        """The sum of every sample of metric ``name`` on /metrics (all labels, all workers)."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.metrics_port, timeout=10)
+        try:
+            conn.request("GET", "/metrics")
+            response = conn.getresponse()
+            text = response.read().decode()
+        finally:
+            conn.close()
+        if response.status != 200:
+            raise RuntimeError(f"{self.name} /metrics answered {response.status}")
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith((name + "{", name + " ")):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -149,9 +168,9 @@ def start(name: str, cert_dir: Path, work: Path, *, namespaces_yaml: Path | None
     port = port or free_port()
     # The metrics port: a free one for poolkeeper, none for the floor and OPA apps (they share
     # poolkeeper's gunicorn configuration, which binds it).
+    metrics_port = free_port() if name == "poolkeeper" else 0
     env = {"POOLKEEPER_HOST": "127.0.0.1", "POOLKEEPER_PORT": str(port),
-           "POOLKEEPER_CERT_DIR": str(cert_dir),
-           "POOLKEEPER_METRICS_PORT": str(free_port()) if name == "poolkeeper" else "0"}
+           "POOLKEEPER_CERT_DIR": str(cert_dir), "POOLKEEPER_METRICS_PORT": str(metrics_port)}
     if workers:
         env["POOLKEEPER_WORKERS"] = str(workers)
     if threads:
@@ -166,9 +185,10 @@ def start(name: str, cert_dir: Path, work: Path, *, namespaces_yaml: Path | None
             command += ["--kubeconfig", kubeconfig]
         command += list(args)
         ready_path = "/readyz"
-    elif name == "floor":
+    elif name in ("floor", "decode"):
         command = [sys.executable, "-m", "gunicorn", "-c", "python:bench.gunicorn_conf"]
-        env["BENCH_WSGI_APP"] = "bench.floor_app:create_app()"
+        env["BENCH_WSGI_APP"] = ("bench.floor_app:create_app()" if name == "floor" else
+                                 "bench.floor_app:create_decode_app()")
         ready_path = "/healthz"
     elif name == "opa":
         command = [sys.executable, "-m", "gunicorn", "-c", "python:bench.gunicorn_conf"]
@@ -181,7 +201,7 @@ def start(name: str, cert_dir: Path, work: Path, *, namespaces_yaml: Path | None
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, cwd=ROOT, env=_clean_env(env), stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True)
-    server = Server(name, process, port, cert_dir, log_path, ready_path)
+    server = Server(name, process, port, cert_dir, log_path, ready_path, metrics_port=metrics_port)
     try:
         _wait_ready(server, time.monotonic() + deadline_s)
     except BaseException:

@@ -68,15 +68,16 @@ def smoke_output() -> str:
 
 def test_bench_prints_served_rows_for_floor_and_poolkeeper(smoke_output):
     rows = section(smoke_output, "Served over TLS")
-    for variant in ("floor", "poolkeeper"):
+    for variant in ("floor", "decode", "poolkeeper"):
         for c in ("1", "8", "32"):
             row = next((r for r in rows if r[:2] == [variant, c]), None)
             assert row is not None, f"no row {variant} c={c}"
             assert_numeric(row)
-    ratios = [r for r in rows if r[0].startswith("poolkeeper/floor")]
-    assert len(ratios) == 3
-    for row in ratios:
-        assert_numeric(row)
+    for floor in ("floor", "decode"):
+        ratios = [r for r in rows if r[0].startswith(f"poolkeeper/{floor} ")]
+        assert len(ratios) == 3
+        for row in ratios:
+            assert_numeric(row)
 
 
 def test_bench_prints_opa_rows(smoke_output):
@@ -124,11 +125,14 @@ def test_bench_prints_api_server_rows(smoke_output):
     for row in rows:
         cells = [c for c in row[1:] if c != "-"]
         assert_numeric(["", *cells])
+        calls = row[-2]  # webhook calls per pod: poolkeeper's request counter, (b) only
+        assert (calls != "-") == row[0].startswith("(b)"), row
 
 
 def test_bench_prints_every_target(smoke_output):
     rows = section(smoke_output, "Targets")
-    assert len(rows) == 5
+    assert [r[3] for r in rows] == ["13"] * 5 + ["5"] * 2
+    assert rows[0][0].startswith("webhook calls per pod")
     for row in rows:
         assert row[2] in ("yes", "NO", "n/a"), row
 
