@@ -71,6 +71,10 @@ def test_server_paths_run_their_own_rules(server, session, deployment_pod_review
     cpu_ops = [{"op": "remove", "path": f"/spec/containers/{i}/resources/limits/cpu"}
                for i in (0, 1)]
     assert ops_of(post(session, server, deployment_pod_review)) == [pool_op, *cpu_ops]
+    assert ops_of(post(session, server, deployment_pod_review, path="/mutate/pods")) == [
+        pool_op, *cpu_ops]
+    assert ops_of(post(session, server, deployment_pod_review, path="/mutate/placement")) == [
+        pool_op]
     assert ops_of(post(session, server, deployment_pod_review, path="/mutate/defaults")) == cpu_ops
     assert ops_of(post(session, server, deployment_pod_review,
                        path="/mutate/namespaces")) == []
