@@ -73,6 +73,10 @@ class JSONLineHandler(logging.StreamHandler):
 
 def configure_logging(level: str) -> None:
     """JSON lines on stderr at ``level`` for poolkeeper and the libraries under it."""
+    # The lines carry the pid, never the thread or the multiprocessing process name: a record
+    # need not look them up (logging's documented switches; one record per review).
+    logging.logThreads = False
+    logging.logMultiprocessing = False
     handler = JSONLineHandler(sys.stderr)
     handler.setFormatter(JSONFormatter())
     root = logging.getLogger()

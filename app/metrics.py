@@ -126,9 +126,22 @@ def initialise() -> None:
         CERTIFICATE_ACTIONS.labels(action)
 
 
+# Each review counts under a few label values that repeat; ``labels()`` validates them and takes
+# the metric's lock every time, so the children are kept here once made (as many as the metric
+# itself holds: the label values are bounded).
+_children: dict[tuple[Counter, tuple[str, ...]], Counter] = {}
+
+
+def _child(metric: Counter, *values: str) -> Counter:
+    child = _children.get((metric, values))
+    if child is None:
+        child = _children.setdefault((metric, values), metric.labels(*values))
+    return child
+
+
 def observe_review(kind: str, operation: str, decision: str, seconds: float) -> None:
     """One answered review: its decision (allowed, patched, denied, error) and its duration."""
-    ADMISSION_REQUESTS.labels(kind, operation, decision).inc()
+    _child(ADMISSION_REQUESTS, kind, operation, decision).inc()
     ADMISSION_DURATION.observe(seconds)
 
 
@@ -141,7 +154,7 @@ UNKNOWN_NAMESPACE = "-"
 def count_actions(decision: Decision, namespace: str) -> None:
     """What each rule did, under ``namespace`` (a known namespace, else UNKNOWN_NAMESPACE)."""
     for action in decision.actions:
-        RULE_ACTIONS.labels(action.rule, namespace, action.effect).inc()
+        _child(RULE_ACTIONS, action.rule, namespace, action.effect).inc()
 
 
 def export_drift(counts: Mapping[tuple[str, str], int], cap: int = MAX_DRIFT_SERIES) -> None:

@@ -26,11 +26,18 @@ class ObjectShapeError(ValueError):
 
 def escape(token: str | int) -> str:
     """RFC 6901: '~' becomes '~0' and '/' becomes '~1' (so kubernetes.azure.com~1agentpool)."""
-    return str(token).replace("~", "~0").replace("/", "~1")
+    text = token if isinstance(token, str) else str(token)
+    if "~" in text or "/" in text:  # rare: most keys are plain, and then nothing is copied
+        return text.replace("~", "~0").replace("/", "~1")
+    return text
 
 
 def pointer(path: Path) -> str:
-    return "".join(["/" + escape(token) for token in path])
+    parts = [token if isinstance(token, str) else str(token) for token in path]
+    joined = "/".join(parts)
+    if "~" in joined or joined.count("/") >= len(parts):  # some token holds a '~' or a '/'
+        joined = "/".join([escape(part) for part in parts])
+    return "/" + joined if parts else ""
 
 
 def lookup(obj: Any, path: Path, default: Any = None) -> Any:

@@ -14,6 +14,10 @@ def test_patching_escape_follows_rfc6901():
     assert escape("kubernetes.azure.com/agentpool") == "kubernetes.azure.com~1agentpool"
     assert escape("a~/b") == "a~0~1b"
     assert pointer(("spec", "containers", 0, "a/b")) == "/spec/containers/0/a~1b"
+    assert pointer(("metadata", "labels", "x~y")) == "/metadata/labels/x~0y"
+    assert pointer(("spec", "", 7)) == "/spec//7"  # an empty key is a key
+    assert pointer(()) == ""  # the whole document
+    assert escape("plain") == "plain" and escape(3) == "3"
 
 
 def test_patching_describe_quotes_odd_keys():
