@@ -204,7 +204,7 @@ def readyz() -> Response:
 def not_routed(exc: HTTPException) -> Response:
     if request.method == "POST" and request.path.startswith("/mutate"):  # a client of /mutate
         return _error(404, f"no webhook path {quote(request.path)}: use /mutate or one of "
-                           + ", ".join(f"/mutate/{w}" for w in WEBHOOKS))
+                           + ", ".join(f"/mutate/{w}" for w in PATHS))
     return Response(orjson.dumps({"error": f"{request.method} {quote(request.path)}: {exc.name}",
                                   "endpoints": ENDPOINTS}),
                     exc.code, mimetype=JSON)

@@ -112,9 +112,11 @@ def _references_to_removed(pod: dict, containers: list[tuple[Path, dict]],
         found_name = container.get("name")
         name = found_name if isinstance(found_name, str) else ""
         for env in expect_list(container, ("env",)):
-            if isinstance(env, dict):
-                check(lookup(env, ("valueFrom", "resourceFieldRef")), name,
-                      f"container {quote(name)} env {quote(env.get('name'))}")
+            # a pod has dozens of plain env vars: look at each cheaply, word only a reference
+            value_from = env.get("valueFrom") if isinstance(env, dict) else None
+            ref = value_from.get("resourceFieldRef") if isinstance(value_from, dict) else None
+            if ref is not None:
+                check(ref, name, f"container {quote(name)} env {quote(env.get('name'))}")
     for volume in expect_list(pod, ("spec", "volumes")):
         if not isinstance(volume, dict):
             continue
@@ -123,9 +125,8 @@ def _references_to_removed(pod: dict, containers: list[tuple[Path, dict]],
             if isinstance(source, dict)]
         for source in sources:
             for item in expect_list(source, ("items",)) if isinstance(source, dict) else ():
-                if isinstance(item, dict):
-                    check(item.get("resourceFieldRef"), "",
-                          f"volume {quote(volume.get('name'))} {quote(item.get('path'))}")
+                if isinstance(item, dict) and (ref := item.get("resourceFieldRef")):
+                    check(ref, "", f"volume {quote(volume.get('name'))} {quote(item.get('path'))}")
     if len(found) > _MAX_REFERENCE_WARNINGS:
         extra = len(found) - _MAX_REFERENCE_WARNINGS
         found = found[:_MAX_REFERENCE_WARNINGS] + [f"and {extra} more references to removed "
