@@ -314,7 +314,9 @@ def test_remove_cpu_limits_warns_about_references_to_the_removed_limit():
                       "resource": "limits.cpu", "divisor": "1"}}},
                   {"name": "MEM", "valueFrom": {"resourceFieldRef": {"resource": "limits.memory"}}},
                   {"name": "PLAIN", "value": "x"}, "not-an-env",
-                  {"name": "ODD", "valueFrom": {"resourceFieldRef": {"resource": 5}}}]
+                  {"name": "ODD", "valueFrom": {"resourceFieldRef": {"resource": 5}}},
+                  {"name": "FLAT", "valueFrom": {"resourceFieldRef": "limits.cpu"}},
+                  {"name": "FLATTER", "valueFrom": "limits.cpu"}]
     obj["spec"]["containers"].append({"name": "side", "image": "i", "env": [
         {"name": "APP_CPU", "valueFrom": {"resourceFieldRef": {"containerName": "c",
                                                                "resource": "limits.cpu"}}}]})
