@@ -27,7 +27,7 @@ def _setting(parser: argparse.ArgumentParser | argparse._ArgumentGroup, flag: st
     default = {f.name: f.default for f in fields(Settings)}[dest]
     shown = "none" if default is None else default
     if dest == "workers" and default == 0:
-        shown = "0, meaning 2 x cores + 1"
+        shown = "0, meaning one per usable core, at least 2"
     parser.add_argument(flag, dest=dest, help=f"{text} (default: {shown}; environment: "
                                              f"{ENV_PREFIX}{dest.upper()})", **kwargs)
 

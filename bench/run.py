@@ -36,7 +36,7 @@ class Mode:
     duration_s: float  # per round, server and concurrency
     warmup_s: float  # per server, at the highest concurrency, untimed
     max_requests: int  # per load run: the count bound
-    workers: int | None  # None: poolkeeper's default (2 x cores + 1)
+    workers: int | None  # None: poolkeeper's default (one per usable core, at least 2)
     threads: int | None  # None: poolkeeper's default (4)
     micro_reviews: int
     micro_repeats: int

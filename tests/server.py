@@ -113,3 +113,30 @@ def start_server(cert_dir: Path, log_path: Path, *args: str, env: dict | None = 
                 server.stop()
                 raise RuntimeError(f"poolkeeper serve not ready on {path}:\n{server.log()}")
             time.sleep(0.1)
+
+
+def connections_per_worker(server: Server) -> dict[int, int]:
+    """Established TCP connections to the server's port that each worker process holds."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == server.port:
+                inodes.add(fields[9])
+    found = {}
+    for pid in server.worker_pids():
+        held = 0
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:[") and target[8:-1] in inodes:
+                held += 1
+        found[pid] = held
+    return found

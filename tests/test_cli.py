@@ -183,6 +183,19 @@ def test_cli_certificate_settings_have_the_documented_defaults_and_read_the_envi
         load_settings({}, {"POOLKEEPER_MANAGE_CERTS": "maybe"})
 
 
+def test_default_workers_are_one_per_usable_core_and_at_least_two(monkeypatch):
+    """A review is CPU-bound: the default no longer runs 2 x cores + 1 processes, which only
+    time-slice the cores (five on two cores tripled the served p99, bench/README.md)."""
+    import os
+
+    from app.config import load_settings
+
+    for cores, expected in (({0}, 2), ({0, 1}, 2), (set(range(8)), 8)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, cores=cores: cores)
+        assert load_settings({}, {}).resolved_workers() == expected
+    assert load_settings({}, {"POOLKEEPER_WORKERS": "5"}).resolved_workers() == 5
+
+
 def test_cli_environment_configures_settings(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("POOLKEEPER_RULES_DIR", rules_dir(tmp_path, **{"agentpool-node-selector": (
         "nodeLabelKey: agentpool", "nodeLabelKey: example.com/pool")}))
