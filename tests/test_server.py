@@ -292,10 +292,12 @@ def test_server_spreads_a_burst_of_connections_over_its_workers(tmp_path, cert_d
             assert read_response(sock, deadline_s=20).startswith(b"HTTP/1.1 200")
         held = connections_per_worker(srv)
         assert sum(held.values()) >= count, held  # and perhaps the readiness probe's
-        # A fair share is 8. Before the fix one worker held all of them, every time; after it
-        # the most any held in 16 runs was 18 (this machine's 2 cores run the four workers and
-        # the client, so a worker may not get the CPU before the burst is over).
-        assert max(held.values()) <= 3 * count // 4, held
+        # A fair share is 8. Before the fix one worker held all of them, every run; after it, in
+        # 11 runs (5 beside a CPU hog: the 2 cores run the four workers and this client, so a
+        # worker may not get the CPU before the burst is over) the most one held was 21 and the
+        # second most at least 8. The bounds leave room for a loaded CI machine.
+        most, second = sorted(held.values(), reverse=True)[:2]
+        assert most <= 7 * count // 8 and second >= count // 8, held
     finally:
         for sock in clients:
             sock.close()
