@@ -161,7 +161,10 @@ class PoolPlacement:
         allowed = self.allowed_pools(namespace, pool)
         chosen = value if value is not None and value in allowed else pool
         spec = self.pools.get(chosen, _PLAIN)
-        where = self._where(ctx.namespace, pool, labels)
+
+        def where() -> str:  # worded only for a denial: most pods are pinned and allowed
+            return self._where(ctx.namespace, pool, labels)
+
         what = "pod" if is_pod else f"{kind} pod template"
         # On a pod UPDATE only a key that changes is judged: one set before the namespace was
         # pooled stays (the policy backstop does the same).
@@ -172,7 +175,7 @@ class PoolPlacement:
                          f"{self.namespace_label_key}={value}" if is_label_value(value) else
                          f"{quote(value)} is not a node pool name (a label value)")
             denials.append(
-                f"{what} {describe(key_path)} is {quote(value)}, but {where}. Remove that "
+                f"{what} {describe(key_path)} is {quote(value)}, but {where()}. Remove that "
                 f"nodeSelector key (poolkeeper sets it) or set it to {quote(pool)}"
                 f"{self._naming(allowed)}; {elsewhere}")
         for key, wanted in spec.node_labels.items():
@@ -182,20 +185,21 @@ class PoolPlacement:
                     kept and have == _string_or_none(old_selector.get(key), path)):
                 denials.append(
                     f"{what} {describe(path)} is {quote(have)}, but the nodes of pool "
-                    f"{quote(chosen)} carry {key}={wanted} (this rule's pools); {where}. Remove "
-                    f"that nodeSelector key (poolkeeper sets it) or set it to {quote(wanted)}")
+                    f"{quote(chosen)} carry {key}={wanted} (this rule's pools); {where()}. "
+                    f"Remove that nodeSelector key (poolkeeper sets it) or set it to "
+                    f"{quote(wanted)}")
         node_name = _string_or_none(expect_map(obj, spec_path).get("nodeName"), node_name_path)
         if node_name and not kept:
             denials.append(
                 f"{what} sets {describe(node_name_path)}={quote(node_name)}, which bypasses the "
-                f"scheduler and so the node pool; {where}. Remove nodeName and let the "
+                f"scheduler and so the node pool; {where()}. Remove nodeName and let the "
                 f"scheduler place it on pool {quote(pool)}")
         node_labels = {self.node_label_key: chosen, **spec.node_labels}
         if not kept or expect_list(obj, terms_path) != expect_list(old, terms_path):
             affinity_problem = self._affinity_problem(obj, terms_path, node_labels)
             if affinity_problem:
                 wanted_labels = ", ".join(f"{k}={v}" for k, v in node_labels.items())
-                denials.append(f"{what} {affinity_problem}, but {where}, so it could never be "
+                denials.append(f"{what} {affinity_problem}, but {where()}, so it could never be "
                                f"scheduled. Allow {wanted_labels} in at least one term, or drop "
                                "the term")
         if denials:
