@@ -130,7 +130,10 @@ def objects(draw):
 
 @st.composite
 def rule_sets(draw):
-    """The shipped rules, the pool rule with other params, each rule enforce, warn or off."""
+    """The shipped rules, the pool rule with other params, each rule enforce, warn or off.
+
+    Every rule with ``onError: fail``: the shipped defaults' ``ignore`` would turn a rule that
+    raises into a skipped rule and a warning, and the properties below would hold vacuously."""
     rules = []
     for rule in shipped_rules():
         if rule.kind_name == "PoolPlacement":
@@ -142,8 +145,8 @@ def rule_sets(draw):
                 defaultPool=draw(st.one_of(st.none(), pools)),
                 pools=draw(pool_specs),
                 unknownPools=draw(st.sampled_from(["warn", "deny", "off"]))))
-        rules.append(dataclasses.replace(rule, enforcement=draw(st.sampled_from(
-            ["enforce", "enforce", "warn", "off"]))))
+        rules.append(dataclasses.replace(rule, on_error="fail", enforcement=draw(
+            st.sampled_from(["enforce", "enforce", "warn", "off"]))))
     return tuple(rules)
 
 
