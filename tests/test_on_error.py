@@ -249,6 +249,26 @@ def test_on_error_paths_serve_their_rules(client_for):
     assert status == 404
 
 
+def test_pods_path_gives_a_daemonset_no_defaults_template_warnings(client_for):
+    """/mutate/pods judges DaemonSets for placement; the defaults' template warnings ("pods of
+    this DaemonSet will get: ...") are not given there, as they were not while placement had
+    its own path (DaemonSets of unpooled namespaces reach no poolkeeper webhook at all)."""
+    template = limited_pod(namespace="team-payments")
+    daemonset = {"apiVersion": "apps/v1", "kind": "DaemonSet",
+                 "metadata": {"name": "agent", "namespace": "team-payments"},
+                 "spec": {"selector": {"matchLabels": {"app": "agent"}},
+                          "template": {"metadata": {"labels": {"platform": "true"}},
+                                       "spec": template["spec"]}}}
+    doc = review_doc(daemonset)
+    status, answer = post(client_for(), doc, "/mutate/pods")
+    assert status == 200 and answer["allowed"] is True
+    assert patch_paths(answer) == ["/spec/template/spec/nodeSelector"]
+    assert "warnings" not in answer
+    # every rule, as the workloads webhook runs them: the defaults do warn there
+    status, answer = post(client_for(), doc, "/mutate")
+    assert any("pods of this DaemonSet will get" in w for w in answer.get("warnings", ()))
+
+
 def test_on_error_skipped_rule_is_logged_counted_and_warned_over_http(client_for, caplog):
     client = client_for(broken("remove-cpu-limits", ZeroDivisionError("division by zero")))
     before = rule_errors("remove-cpu-limits")

@@ -377,9 +377,19 @@ def by_webhook(rules: tuple[Rule, ...]) -> dict[str, tuple[Rule, ...]]:
 
 
 def by_path(rules: tuple[Rule, ...]) -> dict[str, tuple[Rule, ...]]:
-    """The rules each /mutate/<path> runs (PATHS): those of its webhooks, in file order."""
+    """The rules each /mutate/<path> runs (PATHS): those of its webhooks, in file order.
+
+    On /mutate/pods the defaults give no template warnings: the DaemonSets placement judges
+    there would get them, those of unpooled namespaces (on no poolkeeper webhook) would not,
+    and none did while placement had a path of its own."""
     served = by_webhook(rules)
     order = {rule.name: index for index, rule in enumerate(rules)}
-    return {path: tuple(sorted((r for w in webhooks for r in served[w]),
+
+    def on(path: str, webhook: str, rule: Rule) -> Rule:
+        if path == "pods" and webhook == "defaults" and rule.template_warnings:
+            return replace(rule, template_warnings=False)
+        return rule
+
+    return {path: tuple(sorted((on(path, w, r) for w in webhooks for r in served[w]),
                                key=lambda r: order[r.name]))
             for path, webhooks in PATHS.items()}
