@@ -120,6 +120,7 @@ def create_app(settings: Settings | None = None, *, source: NamespaceSource | No
     metrics.initialise()
     watcher = watcher or process_watcher()
     rules = rules or RuleStore(settings.rules_dir or SHIPPED_RULES, watcher=watcher)
+    metrics.initialise_rules(rule.name for rule in rules.rules())
     api_client = None
     background: tuple[Background, ...] = ()
     if source is None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import platform
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from importlib import metadata
 from typing import TYPE_CHECKING
 
@@ -104,6 +104,13 @@ REVIEWED = (("Pod", "CREATE"), ("Pod", "UPDATE"), ("DaemonSet", "CREATE"),
             *((kind, operation) for kind in ("Deployment", "ReplicaSet", "StatefulSet", "Job",
                                              "CronJob", "ReplicationController")
               for operation in ("CREATE", "UPDATE")))
+
+
+def initialise_rules(names: Iterable[str]) -> None:
+    """``poolkeeper_rule_errors_total`` at 0 for each of these rules, so PoolkeeperRuleErrors
+    sees the first skip (see :func:`initialise`); for the rules at start and after a reload."""
+    for name in names:
+        RULE_ERRORS.labels(name)
 
 
 def initialise() -> None:

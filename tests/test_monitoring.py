@@ -76,6 +76,7 @@ def test_monitoring_exported_names_are_the_documented_ones():
 OWN_ALERTS = {"PoolkeeperErrorRatioHigh", "PoolkeeperLatencyHigh",
               "PoolkeeperCertificateExpiringSoon", "PoolkeeperCertificateUnreadable",
               "PoolkeeperNamespaceWatchStale", "PoolkeeperRulesReloadFailing",
+              "PoolkeeperRuleErrors",
               "PoolkeeperPlacementDrift"}
 APISERVER_ALERTS = {"PoolkeeperWebhookCallsFailing", "PoolkeeperWebhookFailingOpen",
                     "PoolkeeperWebhookSlow"}
@@ -281,6 +282,11 @@ def test_monitoring_labelled_counters_start_at_zero_for_every_known_value(fresh_
     for kind, operation in metrics.REVIEWED:
         assert matching(fresh_samples, "poolkeeper_admission_requests_total", kind=kind,
                         operation=operation, decision="error") == [0.0], (kind, operation)
+    from app.rules import SHIPPED_RULES, load_rules
+
+    for rule in load_rules(SHIPPED_RULES):  # PoolkeeperRuleErrors sees a rule's first skip
+        assert matching(fresh_samples, "poolkeeper_rule_errors_total",
+                        rule=rule.name) == [0.0], rule.name
 
 
 def test_monitoring_reviewed_kinds_are_what_the_webhooks_send():

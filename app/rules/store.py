@@ -71,6 +71,7 @@ class RuleStore:
         self._state = _State(rule_set, self._clock())
         rules = rule_set.rules
         metrics.RULES_RELOADS.labels("success").inc()
+        metrics.initialise_rules(rule.name for rule in rules)
         log.info("loaded %d rules from %s (digest %s): %s", len(rules), self.directory,
                  rule_set.digest[:12], ", ".join(f"{r.name} ({r.enforcement})" for r in rules))
 
