@@ -274,7 +274,7 @@ def test_server_spreads_a_burst_of_connections_over_its_workers(tmp_path, cert_d
     to find one worker taking nearly all of them: the worker awake in its poller accepted each
     new one before the others woke, and then served them on one core (29 of 32 connections on
     one of five workers in `make bench`). Each worker now steps aside after an accept, for longer
-    the more connections it holds, so the others take their share."""
+    the more connections it accepted in the last second, so the others take their share."""
     workers, count = 4, 32
     srv = start_server(cert_dir, tmp_path / "server.log", "--namespaces",
                        str(TESTDATA / "namespaces.yaml"), workers=workers, threads=2)

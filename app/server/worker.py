@@ -85,8 +85,10 @@ READ_SIZE = 64 * 1024  # one recv (a TLS record is at most 16 KiB; larger would 
 READ_BURST = 1024 * 1024  # bytes read from one connection before the poller serves the others
 PAUSE_ABOVE = 64 * 1024  # over budget, reading pauses on connections buffering more than this
 # After each accept a worker of several steps aside from the listener for this long per
-# connection it holds (at most ACCEPT_STEP_MAX), so the other workers take the next ones.
-ACCEPT_STEP, ACCEPT_STEP_MAX = 0.001, 0.02  # seconds
+# connection it accepted in the last ACCEPT_WINDOW (at most ACCEPT_STEP_MAX), so the other
+# workers take the next ones of a burst; connections it has held for longer (the API server's
+# parked spares) do not slow its accepting.
+ACCEPT_STEP, ACCEPT_STEP_MAX, ACCEPT_WINDOW = 0.001, 0.02, 1.0  # seconds
 
 
 def buffer_budget(threads: int) -> int:
@@ -236,6 +238,7 @@ class ThreadWorker(gthread.ThreadWorker):
         self._over_budget = False
         self._at_cap = False
         self._accept_after = 0.0  # stepping aside from the listener until then (monotonic)
+        self._accepted: deque[float] = deque()  # when it accepted, within ACCEPT_WINDOW
 
     # -- the poller's loop (gthread's run() calls these) ------------------------------------
 
@@ -279,8 +282,11 @@ class ThreadWorker(gthread.ThreadWorker):
         if self.cfg.workers > 1:
             # Left alone, the worker awake in its poller takes nearly every connection of a
             # burst before the others wake (32 of 32 in a test), and serves them on one core.
-            self._accept_after = time.monotonic() + min(ACCEPT_STEP * self.nr_conns,
-                                                        ACCEPT_STEP_MAX)
+            now = time.monotonic()
+            self._accepted.append(now)
+            while self._accepted[0] < now - ACCEPT_WINDOW:
+                self._accepted.popleft()
+            self._accept_after = now + min(ACCEPT_STEP * len(self._accepted), ACCEPT_STEP_MAX)
             self.set_accept_enabled(False)
         conn = _Connection(self.cfg, sock, client, listener.getsockname())
         conn.callback = partial(self._on_event, conn)
