@@ -142,7 +142,9 @@ def _judge(case: Case, rules: Sequence[Rule]) -> CaseResult:
     decision = admit(request_for(obj, old), namespaces.get, selected,
                      nodes.pools if nodes is not None else None)
     response = decision.response
-    problems = []
+    # A rule that raised was skipped (onError: ignore): whatever the answer, the case fails.
+    problems = [f"rule {failure.rule} raised {type(failure.error).__name__}: {failure.error}"
+                for failure in decision.errors]
     denied_path = case.path / "denied.txt"
     if denied_path.exists():
         if response.allowed:

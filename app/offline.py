@@ -8,6 +8,7 @@ the output and play no part in the decision (no rule reads them).
 from __future__ import annotations
 
 import sys
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
@@ -134,7 +135,12 @@ def judge(document: Document, rules: Sequence[Rule], namespaces: NamespaceLookup
             warned.add(request.namespace)
             print(f"Warning: namespace {quote(request.namespace)} is not in {namespaces_file}: "
                   "treated as unlabelled", file=err)
-        outcomes.append(Outcome(request, admit(request, namespaces, rules)))
+        decision = admit(request, namespaces, rules)
+        for failure in decision.errors:  # the server logs these; here there is no log
+            print(f"poolkeeper: rule {failure.rule} failed and was skipped (onError: ignore), "
+                  "a bug to report:\n" + "".join(traceback.format_exception(failure.error)),
+                  end="", file=err)
+        outcomes.append(Outcome(request, decision))
     return outcomes
 
 

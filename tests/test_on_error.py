@@ -297,3 +297,37 @@ def test_on_error_placement_error_is_a_500_so_the_webhook_fails_closed(client_fo
     assert "internal error" in answer["status"]["message"]
     (line,) = [r for r in caplog.records if r.name == "poolkeeper.admission"]
     assert line.fields["decision"] == "error" and "skippedRules" not in line.fields
+
+
+# -- offline: poolkeeper mutate and poolkeeper test ------------------------------------------------
+
+
+def test_on_error_offline_mutate_prints_the_traceback_of_a_skipped_rule():
+    """`poolkeeper mutate` has no log: the traceback the server would log goes to stderr."""
+    import io
+
+    from app.offline import Document, judge
+
+    err = io.StringIO()
+    document = Document([limited_pod(namespace="team-payments")], "single")
+    (outcome,) = judge(document, broken("remove-cpu-limits", ZeroDivisionError("division by zero")),
+                       NAMESPACES.get, None, err)
+    assert outcome.decision.response.warnings == ("[remove-cpu-limits] " + SKIPPED,)
+    printed = err.getvalue()
+    assert "rule remove-cpu-limits failed and was skipped" in printed
+    assert "ZeroDivisionError: division by zero" in printed and "Traceback" in printed
+
+
+def test_on_error_a_golden_case_fails_when_its_rule_raised():
+    """`poolkeeper test`: a skipped rule is a failed case, even if the rest of the answer matches
+    (a case with no expected change would otherwise pass while its rule crashed)."""
+    from app.cases import discover, run_case
+
+    cases = [c for c in discover(TESTDATA / "rules") if c.rule == "remove-cpu-limits"
+             and not (c.path / "rule.yaml").exists()]  # those judge with their own rule file
+    assert cases
+    for case in cases:
+        assert run_case(case, RULES).passed, case.id
+        result = run_case(case, broken("remove-cpu-limits", ZeroDivisionError("division by zero")))
+        assert not result.passed and "rule remove-cpu-limits raised " in \
+            result.detail, case.id
