@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .kinds import template_path
-from .namespaces.source import Namespace
+from .namespaces.source import Namespace, NamespaceLookupError
 from .patching import ObjectEditor, ObjectShapeError, expect_map
 from .review import (
     MUTATING_OPERATIONS,
@@ -92,6 +92,9 @@ def warning(rule: str, text: str, docs_url: str | None = None) -> str:
 
 
 SKIPPED = "not applied: it failed in poolkeeper (a bug; its log has the details)"
+# The same for a rule that needed namespace labels nobody can tell (an outage, not a bug).
+SKIPPED_UNKNOWN_LABELS = ("not applied: the namespace's labels cannot be known now (poolkeeper's "
+                          "log has the details)")
 # The request's own fault, whichever rule meets it: never skipped, always a 400.
 _BAD_INPUT = (ObjectShapeError, RecursionError)
 
@@ -125,7 +128,8 @@ def admit(request: AdmissionRequest, namespaces: NamespaceLookup,
             if rule.on_error == "fail":  # the request fails: the webhook's failurePolicy decides
                 raise
             errors.append(RuleError(rule.name, exc))
-            warnings.append(warning(rule.name, SKIPPED))
+            warnings.append(warning(rule.name, SKIPPED_UNKNOWN_LABELS if isinstance(
+                exc, NamespaceLookupError) else SKIPPED))
             continue
         if outcome is None:
             continue

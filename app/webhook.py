@@ -127,8 +127,12 @@ def _skipped(review_request: AdmissionRequest, decision: admission.Decision) -> 
     names = []
     for failure in decision.errors:
         metrics.RULE_ERRORS.labels(failure.rule).inc()
-        log.error("rule %s failed on request %s and was skipped (onError: ignore)",
-                  failure.rule, clip(review_request.uid), exc_info=failure.error)
+        if isinstance(failure.error, NamespaceLookupError):  # an outage: no traceback to read
+            log.warning("rule %s was skipped on request %s (onError: ignore): %s", failure.rule,
+                        clip(review_request.uid), failure.error)
+        else:
+            log.error("rule %s failed on request %s and was skipped (onError: ignore)",
+                      failure.rule, clip(review_request.uid), exc_info=failure.error)
         names.append(failure.rule)
     return names
 

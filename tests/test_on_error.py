@@ -11,7 +11,7 @@ import logging
 
 import pytest
 
-from app.admission import SKIPPED, admit, warning
+from app.admission import SKIPPED, SKIPPED_UNKNOWN_LABELS, admit, warning
 from app.config import Settings
 from app.factory import create_app
 from app.namespaces import NamespaceLookupError
@@ -150,6 +150,8 @@ def test_on_error_ignore_covers_a_rule_that_fails_in_its_match():
     assert decision.response.allowed and decision.response.patch == ()
     assert [e.rule for e in decision.errors] == ["remove-cpu-limits"]
     assert isinstance(decision.errors[0].error, NamespaceLookupError)
+    # an outage, not a bug: the warning says so
+    assert decision.response.warnings == ("[remove-cpu-limits] " + SKIPPED_UNKNOWN_LABELS,)
 
 
 def test_on_error_ignore_covers_warn_mode():
@@ -285,6 +287,35 @@ def test_on_error_skipped_rule_is_logged_counted_and_warned_over_http(client_for
     (line,) = [r for r in caplog.records if r.name == "poolkeeper.admission"]
     assert line.fields["decision"] == "patched"
     assert line.fields["skippedRules"] == ["remove-cpu-limits"]
+
+
+def test_on_error_unknowable_labels_skip_a_default_with_a_warning_line_not_a_traceback(
+        tmp_path, caplog):
+    """An outage is not a bug: a default with a namespaceSelector whose labels cannot be known
+    is skipped with its own warning, logged at WARNING without a traceback, and counted."""
+    from app.rules import LabelSelector, Requirement
+
+    class Unreachable(FileNamespaces):
+        def namespace(self, name):
+            raise NamespaceLookupError(f"cannot look up namespace {name!r}: API server gone")
+
+    (rule,) = shipped_rules("remove-cpu-limits")
+    selector = LabelSelector((Requirement("team", "Exists"),))
+    rules = (dataclasses.replace(rule, match=dataclasses.replace(rule.match,
+                                                                   namespace_selector=selector)),)
+    app = create_app(Settings(cert_dir=str(tmp_path)),
+                     source=Unreachable(TESTDATA / "namespaces.yaml"), rules=Store(rules),
+                     watcher=FileWatcher())
+    before = rule_errors("remove-cpu-limits")
+    with caplog.at_level(logging.INFO, logger="poolkeeper"):
+        status, answer = post(app.test_client(), review_doc(limited_pod(namespace="team-a")),
+                              "/mutate/defaults")
+    assert status == 200 and answer["allowed"] is True and "patch" not in answer
+    assert answer["warnings"] == ["[remove-cpu-limits] " + SKIPPED_UNKNOWN_LABELS]
+    assert rule_errors("remove-cpu-limits") == before + 1
+    (line,) = [r for r in caplog.records if r.name == "poolkeeper.webhook"]
+    assert line.levelno == logging.WARNING and line.exc_info is None
+    assert "API server gone" in line.getMessage()
 
 
 def test_on_error_placement_error_is_a_500_so_the_webhook_fails_closed(client_for, caplog):
