@@ -34,6 +34,7 @@ import orjson
 import urllib3
 import yaml
 
+from .kube import json_body
 from .namespaces.source import Namespace, kept_annotations
 from .patching import escape
 from .review import request_for
@@ -330,14 +331,6 @@ def _selector_drift(value: Any, allowed: tuple[str, ...], key: str,
 # -- reading objects ------------------------------------------------------------------------------
 
 
-def _json(response: Any) -> dict:
-    try:
-        body = orjson.loads(response.data)
-    finally:
-        response.release_conn()
-    return body if isinstance(body, dict) else {}
-
-
 class ClusterLister:
     """Lists from the API server in pages of ``page_size``: each call returns one page."""
 
@@ -361,8 +354,8 @@ class ClusterLister:
         token: str | None = None
         while True:
             try:
-                body = _json(call(limit=self.page_size, _continue=token, _preload_content=False,
-                                  _request_timeout=_REQUEST_TIMEOUT))
+                body = json_body(call(limit=self.page_size, _continue=token,
+                                      _preload_content=False, _request_timeout=_REQUEST_TIMEOUT))
             except kubernetes.client.ApiException as e:
                 if e.status == 410 and token:
                     raise AuditError(f"the {what} list expired while it was read page by page "

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import kubernetes.client
 import kubernetes.config
+import orjson
 import urllib3
 import yaml
 
@@ -23,6 +25,16 @@ DEFAULT_KUBECONFIG = "~/.kube/config"
 # One immediate retry of a failed connect and none of reads, so a slow API server costs one read
 # timeout, not four (urllib3's default is Retry(3) on everything). Callers back off themselves.
 _RETRIES = urllib3.Retry(total=1, connect=1, read=0, redirect=0, status=0, other=0)
+
+
+def json_body(response: Any) -> dict:
+    """The JSON object of a ``_preload_content=False`` response ({} for anything else); the
+    connection goes back to the pool either way."""
+    try:
+        body = orjson.loads(response.data)
+    finally:
+        response.release_conn()
+    return body if isinstance(body, dict) else {}
 
 
 class KubeConfigError(ConfigError):

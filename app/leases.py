@@ -30,6 +30,8 @@ import kubernetes.client
 import orjson
 import urllib3
 
+from .kube import json_body
+
 log = logging.getLogger("poolkeeper.leases")
 
 AUDIT_LEASE = "poolkeeper-audit"
@@ -121,19 +123,19 @@ class LeaseApi:
 
     def get(self, namespace: str, name: str) -> dict | None:
         try:
-            return _json(self._api.read_namespaced_lease(name, namespace, _preload_content=False,
-                                                         _request_timeout=_TIMEOUT))
+            return json_body(self._api.read_namespaced_lease(
+                name, namespace, _preload_content=False, _request_timeout=_TIMEOUT))
         except kubernetes.client.ApiException as e:
             if e.status == 404:
                 return None
             raise
 
     def create(self, namespace: str, body: dict) -> dict:
-        return _json(self._api.create_namespaced_lease(namespace, body, _preload_content=False,
-                                                       _request_timeout=_TIMEOUT))
+        return json_body(self._api.create_namespaced_lease(
+            namespace, body, _preload_content=False, _request_timeout=_TIMEOUT))
 
     def replace(self, namespace: str, body: dict) -> dict:
-        return _json(self._api.replace_namespaced_lease(
+        return json_body(self._api.replace_namespaced_lease(
             body["metadata"]["name"], namespace, body, _preload_content=False,
             _request_timeout=_TIMEOUT))
 
@@ -152,21 +154,13 @@ class LeaseApi:
         items: list[dict] = []
         token = None
         while True:
-            body = _json(self._api.list_namespaced_lease(
+            body = json_body(self._api.list_namespaced_lease(
                 namespace, label_selector=label_selector, limit=500, _continue=token,
                 _preload_content=False, _request_timeout=_TIMEOUT))
             items.extend(body.get("items") or ())
             token = (body.get("metadata") or {}).get("continue") or None
             if token is None:
                 return items
-
-
-def _json(response: Any) -> dict:
-    try:
-        body = orjson.loads(response.data)
-    finally:
-        response.release_conn()
-    return body if isinstance(body, dict) else {}
 
 
 def _lease(namespace: str, name: str, spec: dict, *, resource_version: str | None = None,
