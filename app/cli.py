@@ -196,6 +196,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_kubeconfig(parser: argparse.ArgumentParser) -> None:
+    """--kubeconfig of the commands that read the cluster themselves (no Settings)."""
+    parser.add_argument("--kubeconfig", metavar="FILE",
+                        help="kubeconfig to use (default: in-cluster, else $KUBECONFIG)")
+
+
+def _add_table_output(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
+
+
 def _add_cluster_commands(
         commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``audit`` and ``status`` (app.audit, app.status): their own options, no Settings."""
@@ -207,8 +217,7 @@ def _add_cluster_commands(
                     "2 when it cannot audit.")
     audit.add_argument("--rules", dest="rules_dir", metavar="DIR",
                        help="rules whose PoolPlacement params judge (default: the shipped rules/)")
-    audit.add_argument("--kubeconfig", metavar="FILE",
-                       help="kubeconfig to use (default: in-cluster, else $KUBECONFIG)")
+    _add_kubeconfig(audit)
     audit.add_argument("--namespaces", dest="namespaces_file", metavar="FILE",
                        help="offline: Namespace objects (kubectl get ns -o yaml)")
     audit.add_argument("--pods", dest="pods_file", metavar="FILE",
@@ -216,7 +225,7 @@ def _add_cluster_commands(
                             "(kubectl get pods,ds,rs -A -o yaml)")
     audit.add_argument("--nodes", dest="nodes_file", metavar="FILE",
                        help="offline: nodes (kubectl get nodes -o yaml), to check node pools")
-    audit.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
+    _add_table_output(audit)
     audit.add_argument("--fix-hint", action="store_true",
                        help="add a FIX column with the command that resolves each line")
     audit.add_argument("--chunk-size", type=int, default=500, metavar="N",
@@ -230,11 +239,10 @@ def _add_cluster_commands(
                     "when the records cannot be read.")
     status.add_argument("--rules", dest="rules_dir", metavar="DIR",
                         help="the rules the replicas should enforce (default: the shipped rules/)")
-    status.add_argument("--kubeconfig", metavar="FILE",
-                        help="kubeconfig to use (default: in-cluster, else $KUBECONFIG)")
+    _add_kubeconfig(status)
     status.add_argument("--namespace", "-n", default="poolkeeper-system", metavar="NS",
                         help="poolkeeper's namespace (default poolkeeper-system)")
-    status.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
+    _add_table_output(status)
 
 
 def _add_pools_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -249,13 +257,12 @@ def _add_pools_command(commands: argparse._SubParsersAction[argparse.ArgumentPar
     pools.add_argument("--rules", dest="rules_dir", metavar="DIR",
                        help="rules whose PoolPlacement params say the pools (default: the "
                             "shipped rules/)")
-    pools.add_argument("--kubeconfig", metavar="FILE",
-                       help="kubeconfig to use (default: in-cluster, else $KUBECONFIG)")
+    _add_kubeconfig(pools)
     pools.add_argument("--namespaces", dest="namespaces_file", metavar="FILE",
                        help="offline: Namespace objects (kubectl get ns -o yaml)")
     pools.add_argument("--nodes", dest="nodes_file", metavar="FILE",
                        help="offline: nodes (kubectl get nodes -o yaml)")
-    pools.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
+    _add_table_output(pools)
 
 
 _NOT_SETTINGS = {"command", "input", "output", "object_namespace", "cases", "rule", "format",
