@@ -6,10 +6,20 @@ import json
 
 import pytest
 
+from app.certs import create_certificates
+
 from .support import TESTDATA
 
 # Lines recorded through the ``figures`` fixture, repeated at the end of the run.
 FIGURES: list[str] = []
+
+
+@pytest.fixture(scope="module")
+def cert_dir(tmp_path_factory):
+    """A CA and serving pair for poolkeeper-system/poolkeeper, one per test module."""
+    directory = tmp_path_factory.mktemp("certs")
+    create_certificates(directory, "poolkeeper", "poolkeeper-system")
+    return directory
 
 
 @pytest.fixture

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
@@ -128,3 +130,18 @@ def qos_class(pod: dict) -> str:
                     parse_quantity(req[name]) != parse_quantity(lim[name]):
                 return "Burstable"
     return "Guaranteed"
+
+
+DEADLINE = 30.0  # seconds any eventual condition may take in the tests; polled, never slept on
+
+
+def wait_for(probe: Callable[[], object], what: str, timeout: float = DEADLINE):
+    """``probe()``'s first true result, polled every 0.1 s; the test fails after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = probe()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.1)

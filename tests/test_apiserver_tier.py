@@ -52,7 +52,7 @@ from integration.manifests import DEPLOY, kubectl, render, with_ca_bundle
 
 from .apiserver import MiniApiServer, apiserver_fixture
 from .server import Server, start_server
-from .support import ROOT, make_request, shipped_rules, skip_or_fail
+from .support import DEADLINE, ROOT, make_request, shipped_rules, skip_or_fail, wait_for
 
 pytestmark = pytest.mark.apiserver
 
@@ -69,20 +69,9 @@ OVERLAP = 12
 POLICY = "poolkeeper-pod-placement"
 # tests/faults/sitecustomize.py's (not imported here: it patches the rule kinds it is loaded into)
 FAULT_ANNOTATION = "poolkeeper.test/raise-in"
-DEADLINE = 30.0  # seconds any eventual condition may take; conditions are polled, never slept on
-# Objects the API server applies asynchronously (webhook configurations, policies, namespace
-# labels seen by policies) are probed with dry-run requests until they take effect.
-
-
-def wait_for(probe: Callable[[], object], what: str, timeout: float = DEADLINE):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = probe()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.1)
+# Eventual conditions are polled (support.wait_for), never slept on. Objects the API server
+# applies asynchronously (webhook configurations, policies, namespace labels seen by policies)
+# are probed with dry-run requests until they take effect.
 
 
 def unique(prefix: str) -> str:

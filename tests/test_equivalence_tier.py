@@ -34,9 +34,8 @@ import os
 import re
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,14 +53,13 @@ from integration.manifests import DEPLOY, kubectl, listed_files, render, with_ca
 
 from .apiserver import MiniApiServer, apiserver_fixture
 from .server import Server, free_port, start_server
-from .support import ROOT, TESTDATA
+from .support import ROOT, TESTDATA, wait_for
 
 pytestmark = pytest.mark.apiserver
 
 equivalence_apiserver = apiserver_fixture("equivalence_apiserver", scope="module")
 
 SERVICE = "poolkeeper-system/poolkeeper:443"  # what deploy's webhooks call
-DEADLINE = 30.0  # seconds a change may take to be in force; polled, never slept on
 ADMISSION = "/apis/admissionregistration.k8s.io/v1"
 COLLECTIONS = {  # kind -> (collection path, namespaced)
     "Pod": ("/api/v1/namespaces/{ns}/pods", True),
@@ -512,17 +510,6 @@ class Sentinels:
     @staticmethod
     def _vap_acts(response: requests.Response) -> bool:
         return response.status_code == 403 and "pk-sentinel" in response.text
-
-
-def wait_for(probe: Callable[[], object], what: str, timeout: float = DEADLINE):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = probe()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.05)
 
 
 @dataclass

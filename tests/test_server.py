@@ -24,13 +24,6 @@ from .support import ROOT, TESTDATA, pod, review_doc
 
 
 @pytest.fixture(scope="module")
-def cert_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("certs")
-    create_certificates(directory, "poolkeeper", "poolkeeper-system")
-    return directory
-
-
-@pytest.fixture(scope="module")
 def server(cert_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "server.log"
     srv = start_server(cert_dir, log, "--namespaces", str(TESTDATA / "namespaces.yaml"))

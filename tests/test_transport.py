@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import pytest
 
-from app.certs import create_certificates
 from app.config import MAX_BODY_BYTES
 
 from .server import start_server
@@ -33,13 +32,6 @@ TRICKLE_INTERVAL = 0.2  # a slow client sends a little this often
 # handshake's 5 s); never asserted as a figure, only as "closed at all".
 CLOSE_BOUND = 20.0
 IO_TIMEOUT = 10.0
-
-
-@pytest.fixture(scope="module")
-def cert_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("certs")
-    create_certificates(directory, "poolkeeper", "poolkeeper-system")
-    return directory
 
 
 @pytest.fixture(scope="module")
