@@ -64,7 +64,11 @@ class Settings:
         # more processes than cores only time-slice them: with five workers on two cores the
         # served p99 at 32 connections was 2-3 x that of two (bench/README.md). Two at least, so
         # one still serves while the other restarts.
-        return self.workers or max(2, len(os.sched_getaffinity(0)))
+        if self.workers:
+            return self.workers
+        affinity = getattr(os, "sched_getaffinity", None)  # Linux; macOS has none
+        cores = len(affinity(0)) if affinity is not None else os.cpu_count() or 1
+        return max(2, cores)
 
     @property
     def secret_namespace(self) -> str:

@@ -194,6 +194,10 @@ def test_default_workers_are_one_per_usable_core_and_at_least_two(monkeypatch):
         monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, cores=cores: cores)
         assert load_settings({}, {}).resolved_workers() == expected
     assert load_settings({}, {"POOLKEEPER_WORKERS": "5"}).resolved_workers() == 5
+    # where the OS has no CPU affinity (macOS, for `make run`), the cores it reports
+    monkeypatch.delattr(os, "sched_getaffinity")
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    assert load_settings({}, {}).resolved_workers() == 6
 
 
 def test_cli_environment_configures_settings(monkeypatch, tmp_path, capsys):
